@@ -1,0 +1,43 @@
+# Two set-up-free commands: `make pipeline` (the main job) and `make test`.
+# Both bootstrap .venv from the pinned lock (requirements.txt, CPU torch 2.13.0) on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# DeepSpeed's CPU ops are JIT-built once and cached here, not on every run.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export PYTHONHASHSEED := 0
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := 1
+
+.PHONY: pipeline test lint bench flow ui clean
+
+$(BIN)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+pipeline: $(BIN)/.installed
+	$(BIN)/dvc repro
+	$(BIN)/python -m moeops.summary
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+flow: $(BIN)/.installed
+	$(BIN)/python -m flows.pipeline
+
+ui: $(BIN)/.installed
+	$(BIN)/prefect server start
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench.run
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf data models checkpoints metrics reports dvclive plots

@@ -1,0 +1,266 @@
+"""ModelArgs, the named model flavors, and the params.yaml schema.
+
+Every stage validates its own params.yaml section here before doing any work:
+an unknown key, a wrong type or an impossible combination becomes one line naming
+the key and the rule (see `load_section`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moeops.cli import UserError
+
+
+@dataclass
+class ModelArgs:
+    """The DeepSeek-V3 architecture in miniature. Names follow DeepSeek's reference code;
+    `moeops.model.hf` maps them onto transformers' DeepseekV3Config."""
+
+    vocab_size: int = 8192
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    inter_dim: int = 768  # dense SwiGLU hidden size (first_k_dense_replace layers)
+    moe_inter_dim: int = 128  # hidden size of each routed / shared expert
+    first_k_dense_replace: int = 1
+    n_routed_experts: int = 16
+    n_shared_experts: int = 1
+    top_k: int = 4
+    n_group: int = 1  # expert groups for group-limited routing (1 = off)
+    topk_group: int = 1  # groups kept per token
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    q_lora_rank: int = 0  # 0 = full-rank query projection
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    capacity_factor: float = 0.0  # 0 = dropless
+    seq_aux_alpha: float = 0.0  # sequence-wise balance loss weight (0 = off)
+    z_loss_alpha: float = 0.0  # router z-loss weight (0 = off)
+    init_std: float = 0.02
+
+
+FLAVORS: dict[str, dict[str, Any]] = {
+    # A training step in well under a second: unit tests and the end-to-end test.
+    "debug": dict(dim=64, n_layers=2, n_heads=2, inter_dim=128, moe_inter_dim=32, n_routed_experts=8,
+                  top_k=2, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16,
+                  qk_rope_head_dim=8, v_head_dim=16, max_seq_len=64, vocab_size=512),
+    "tiny": dict(dim=128, n_layers=3, n_heads=4, inter_dim=384, moe_inter_dim=64, n_routed_experts=8,
+                 top_k=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                 max_seq_len=128),
+    # The default of `make pipeline`: sized to train within the 20-minute budget on 2 cores.
+    "small": dict(dim=256, n_layers=4, n_heads=4, inter_dim=768, moe_inter_dim=128, n_routed_experts=16,
+                  top_k=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128, qk_nope_head_dim=32,
+                  qk_rope_head_dim=16, v_head_dim=32, max_seq_len=256),
+}
+
+
+def check_model_args(a: ModelArgs) -> None:
+    """Raise ValueError naming the field and the rule for an impossible architecture."""
+    positive = ["vocab_size", "dim", "n_layers", "n_heads", "inter_dim", "moe_inter_dim", "n_routed_experts",
+                "top_k", "n_group", "topk_group", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim", "max_seq_len"]
+    for name in positive:
+        if getattr(a, name) <= 0:
+            raise ValueError(f"{name}: must be > 0, got {getattr(a, name)}")
+    for name in ["q_lora_rank", "n_shared_experts", "first_k_dense_replace", "capacity_factor", "seq_aux_alpha",
+                 "z_loss_alpha"]:
+        if getattr(a, name) < 0:
+            raise ValueError(f"{name}: must be >= 0, got {getattr(a, name)}")
+    if a.top_k > a.n_routed_experts:
+        raise ValueError(f"top_k: {a.top_k} > n_routed_experts={a.n_routed_experts}")
+    if a.n_routed_experts % a.n_group:
+        raise ValueError(f"n_group: {a.n_group} does not divide n_routed_experts={a.n_routed_experts}")
+    if a.topk_group > a.n_group:
+        raise ValueError(f"topk_group: {a.topk_group} > n_group={a.n_group}")
+    if a.n_group > 1 and a.n_routed_experts // a.n_group < 2:
+        raise ValueError(f"n_group: {a.n_group} leaves fewer than 2 experts per group (group score = top-2 sum)")
+    if a.top_k > a.topk_group * (a.n_routed_experts // a.n_group):
+        raise ValueError(f"top_k: {a.top_k} > experts in the {a.topk_group} kept groups")
+    if a.qk_rope_head_dim % 2:
+        raise ValueError(f"qk_rope_head_dim: must be even, got {a.qk_rope_head_dim}")
+    if a.first_k_dense_replace > a.n_layers:
+        raise ValueError(f"first_k_dense_replace: {a.first_k_dense_replace} > n_layers={a.n_layers}")
+    if a.score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"score_func: must be 'sigmoid' or 'softmax', got {a.score_func!r}")
+
+
+def make_model_args(flavor: str, overrides: dict[str, Any] | None = None) -> ModelArgs:
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor: unknown {flavor!r}, expected one of {sorted(FLAVORS)}")
+    fields = {f.name: f for f in dataclasses.fields(ModelArgs)}
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            raise ValueError(f"model.{key}: unknown model field")
+        kind = type(ModelArgs.__dataclass_fields__[key].default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"model.{key}: expected {kind.__name__}, got {value!r}")
+    args = ModelArgs(**{**FLAVORS[flavor], **(overrides or {})})
+    try:
+        check_model_args(args)
+    except ValueError as e:
+        raise ValueError(f"model.{e}") from None
+    return args
+
+
+def save_model_args(args: ModelArgs) -> str:
+    return json.dumps(dataclasses.asdict(args), indent=2, sort_keys=True)
+
+
+def load_model_args(path: str | Path) -> ModelArgs:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        args = ModelArgs(**data)
+        check_model_args(args)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: not a valid model config ({e})") from None
+    return args
+
+
+# ---------------------------------------------------------------- params.yaml schema
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CorpusParams(Section):
+    # "stdlib" (the .py files of this interpreter's standard library, tests excluded), a directory,
+    # a glob, a .jsonl file with a "text" field, or a list of any of these.
+    source: str | list[str] = "stdlib"
+    extensions: list[str] = [".py"]  # file suffixes taken from a directory source
+
+
+class PrepareParams(Section):
+    vocab_size: int = Field(8192, ge=260, le=65535 * 16)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    min_doc_bytes: int = Field(1, ge=1)
+    max_doc_bytes: int = Field(1_000_000, ge=1)
+    dedup: bool = True
+    # GX suite thresholds
+    val_fraction_tolerance: float = Field(0.03, gt=0, lt=1)
+    max_skipped_fraction: float = Field(0.05, ge=0, le=1)
+    min_bytes_per_token: float = Field(1.5, gt=0)
+    max_bytes_per_token: float = Field(8.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.min_doc_bytes > self.max_doc_bytes:
+            raise ValueError(f"min_doc_bytes {self.min_doc_bytes} > max_doc_bytes {self.max_doc_bytes}")
+        if self.min_bytes_per_token >= self.max_bytes_per_token:
+            raise ValueError("min_bytes_per_token must be < max_bytes_per_token")
+        return self
+
+
+class PretrainParams(Section):
+    flavor: str = "small"
+    model: dict[str, Any] = {}  # ModelArgs overrides on top of the flavor
+    seed: int = 0
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seq_len: int = Field(256, ge=2)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0 = off
+    bias_update_speed: float = Field(1e-3, ge=0)  # gamma of the aux-loss-free balancing; 0 = off
+    bf16: bool = False
+    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = all cores
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+
+    @field_validator("flavor")
+    @classmethod
+    def _flavor(cls, v):
+        if v not in FLAVORS:
+            raise ValueError(f"unknown flavor {v!r}, expected one of {sorted(FLAVORS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _combos(self):
+        args = make_model_args(self.flavor, self.model)  # raises ValueError("model.<key>: ...")
+        if self.seq_len > args.max_seq_len:
+            raise ValueError(f"seq_len {self.seq_len} > model max_seq_len {args.max_seq_len}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} > lr {self.lr}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} > steps {self.steps}")
+        return self
+
+    def model_args(self, vocab_size: int) -> ModelArgs:
+        return make_model_args(self.flavor, {**self.model, "vocab_size": vocab_size})
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(8, ge=1)
+    max_tokens: int = Field(200_000, ge=1)  # cap on val tokens scored (0 would mean nothing)
+    speed_tokens: int = Field(4096, ge=1)  # tokens timed for inference tokens/s
+    threads: int = Field(0, ge=0)
+
+
+class FlowParams(Section):
+    retries: int = Field(1, ge=0)
+    retry_delay_s: float = Field(5.0, ge=0)
+    stage_timeout_s: float = Field(3600.0, gt=0)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "corpus": CorpusParams,
+    "prepare": PrepareParams,
+    "pretrain": PretrainParams,
+    "evaluate": EvaluateParams,
+    "flow": FlowParams,
+}
+
+
+def format_validation_error(section: str, err: ValidationError, path: str = "params.yaml") -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in (section, *first["loc"]))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    if msg.startswith("model."):  # ModelArgs errors already name their key
+        loc, msg = f"{section}.{msg.split(':', 1)[0]}", msg.split(":", 1)[1].strip()
+    return f"{path}: {loc}: {msg}"
+
+
+def load_section(section: str, path: str | Path = "params.yaml"):
+    """Read and validate one section of params.yaml; UserError (one line) on any problem."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections")
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise UserError(f"{path}: {sorted(unknown)[0]}: unknown section, expected one of {sorted(SECTIONS)}")
+    raw = data.get(section) or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: {section}: must be a mapping")
+    try:
+        return SECTIONS[section].model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(section, e, str(path))) from None
