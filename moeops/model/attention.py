@@ -1,0 +1,84 @@
+"""RMSNorm, rotary embeddings and Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Shapes: B batch, S sequence, H heads, D model dim, C kv_lora_rank (the compressed KV
+latent), Q q_lora_rank, R qk_rope_head_dim, P qk_nope_head_dim, V v_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeops.config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as transformers does) so bf16 autocast does not lose the scale.
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_angles(head_dim: int, seq_len: int, theta: float, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [S, head_dim/2] for positions offset..offset+S-1."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.arange(offset, offset + seq_len, dtype=torch.float32)[:, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... and lay the result out as
+    [all even | all odd], exactly like transformers' DeepseekV3 `rope_interleave=True`
+    (the layout change is the same for q and k, so q·k is the interleaved-RoPE one)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention: queries through an optional low-rank bottleneck, keys and
+    values through a shared latent of rank C, plus one decoupled RoPE key shared by all heads."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.kv_lora_rank = args.kv_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        if args.q_lora_rank:
+            self.q_a_proj = nn.Linear(args.dim, args.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.norm_eps)
+            self.q_b_proj = nn.Linear(args.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(args.dim, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(args.dim, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, args.norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, args.dim, bias=False)
+        self.scale = qk_dim**-0.5
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        H = self.n_heads
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BSD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q_BHSX = q.view(B, S, H, -1).transpose(1, 2)
+        q_nope, q_rope = q_BHSX.split([self.nope_dim, self.rope_dim], dim=-1)
+
+        kv_latent_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_BHSX = self.kv_b_proj(self.kv_a_layernorm(kv_latent_BSC)).view(B, S, H, -1).transpose(1, 2)
+        k_nope, v_BHSV = kv_BHSX.split([self.nope_dim, self.v_dim], dim=-1)
+
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope_B1SR = apply_rope(k_rope_BSR.unsqueeze(1), cos, sin)
+        q_BHSX = torch.cat([q_nope, q_rope], dim=-1)
+        k_BHSX = torch.cat([k_nope, k_rope_B1SR.expand(B, H, S, self.rope_dim)], dim=-1)
+        out_BHSV = F.scaled_dot_product_attention(q_BHSX, k_BHSX, v_BHSV, is_causal=True, scale=self.scale)
+        return self.o_proj(out_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))

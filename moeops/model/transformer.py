@@ -1,0 +1,132 @@
+"""The DeepSeek-V3 decoder in miniature. Parameter names and shapes follow transformers'
+DeepseekV3ForCausalLM state dict (5.x layout), so weights move between the two unchanged
+(see moeops/model/hf.py).
+
+Shapes: B batch, S sequence, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moeops.config import ModelArgs
+from moeops.model.attention import MLA, RMSNorm, rope_angles
+from moeops.model.moe import MLP, MoE
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = MLA(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args.dim, args.inter_dim) if layer_id < args.first_k_dense_replace else MoE(args)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin)
+        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Transformer(nn.Module):
+    """`Transformer(args)(tokens_BS) -> logits_BSV`. Auxiliary balance losses of the last
+    training forward are in `aux_loss()`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rope_angles(args.qk_rope_head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        S = tokens_BS.shape[1]
+        if S > self.args.max_seq_len:
+            raise ValueError(f"sequence length {S} > max_seq_len {self.args.max_seq_len}")
+        x_BSD = self.model.embed_tokens(tokens_BS)
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        for layer in self.model.layers:
+            x_BSD = layer(x_BSD, cos, sin)
+        return self.lm_head(self.model.norm(x_BSD))
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def aux_loss(self) -> torch.Tensor | float:
+        return sum((m.aux_loss for m in self.moe_layers()), 0.0)
+
+
+def init_weights(model: Transformer, seed: int) -> None:
+    """Normal(0, init_std) everywhere, output projections scaled by 1/sqrt(2·n_layers) (GPT-2),
+    norms at 1, balancing bias at 0. Deterministic for a given seed."""
+    std = model.args.init_std
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                scale = 1 / math.sqrt(2 * model.args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight",
+                                                                                  "experts.down_proj")) else 1.0
+                p.copy_(torch.randn(p.shape, generator=gen) * std * scale)
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.zero_()
+
+
+def build_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    model = Transformer(args)
+    init_weights(model, seed)
+    return model
+
+
+def param_counts(args: ModelArgs) -> dict[str, int]:
+    """Total parameters and parameters active per token (top_k of the routed experts)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = 3 * args.dim * args.moe_inter_dim
+    inactive = len(model.moe_layers()) * (args.n_routed_experts - args.top_k) * per_expert
+    return {"total": total, "active": total - inactive}
+
+
+# ------------------------------------------------------------ balancing and expert statistics
+
+
+@torch.no_grad()
+def update_router_bias(model: Transformer, speed: float) -> None:
+    """Aux-loss-free balancing, after each optimizer step: bias += γ·sign(mean_load − load).
+    Resets the per-step token counts."""
+    for moe in model.moe_layers():
+        load_E = moe.gate.tokens_per_expert
+        if speed > 0 and load_E.sum() > 0:
+            moe.gate.e_score_correction_bias += speed * torch.sign(load_E.mean() - load_E)
+        load_E.zero_()
+
+
+def expert_loads(model: Transformer) -> list[torch.Tensor]:
+    """Routed-token counts per MoE layer since the last reset."""
+    return [moe.gate.tokens_per_expert.clone() for moe in model.moe_layers()]
+
+
+def max_violation(load_E: torch.Tensor) -> float:
+    """MaxVio = max load / mean load − 1 (0 = perfectly balanced)."""
+    mean = load_E.float().mean()
+    return float(load_E.max() / mean - 1) if mean > 0 else 0.0
+
+
+def reset_expert_stats(model: Transformer) -> None:
+    for moe in model.moe_layers():
+        moe.gate.tokens_per_expert.zero_()
+        moe.dropped_tokens = 0
