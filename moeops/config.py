@@ -162,9 +162,9 @@ class PrepareParams(Section):
     @model_validator(mode="after")
     def _ranges(self):
         if self.min_doc_bytes > self.max_doc_bytes:
-            raise ValueError(f"min_doc_bytes {self.min_doc_bytes} > max_doc_bytes {self.max_doc_bytes}")
+            raise ValueError(f"min_doc_bytes: {self.min_doc_bytes} > max_doc_bytes {self.max_doc_bytes}")
         if self.min_bytes_per_token >= self.max_bytes_per_token:
-            raise ValueError("min_bytes_per_token must be < max_bytes_per_token")
+            raise ValueError("min_bytes_per_token: must be < max_bytes_per_token")
         return self
 
 
@@ -201,11 +201,11 @@ class PretrainParams(Section):
     def _combos(self):
         args = make_model_args(self.flavor, self.model)  # raises ValueError("model.<key>: ...")
         if self.seq_len > args.max_seq_len:
-            raise ValueError(f"seq_len {self.seq_len} > model max_seq_len {args.max_seq_len}")
+            raise ValueError(f"seq_len: {self.seq_len} > model max_seq_len {args.max_seq_len}")
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr {self.min_lr} > lr {self.lr}")
+            raise ValueError(f"min_lr: {self.min_lr} > lr {self.lr}")
         if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps {self.warmup_steps} > steps {self.steps}")
+            raise ValueError(f"warmup_steps: {self.warmup_steps} > steps {self.steps}")
         return self
 
     def model_args(self, vocab_size: int) -> ModelArgs:
@@ -240,8 +240,9 @@ def format_validation_error(section: str, err: ValidationError, path: str = "par
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    if msg.startswith("model."):  # ModelArgs errors already name their key
-        loc, msg = f"{section}.{msg.split(':', 1)[0]}", msg.split(":", 1)[1].strip()
+    if not first["loc"] and ": " in msg:  # cross-field rules name their key first: "key: rule"
+        key, msg = msg.split(": ", 1)
+        loc = f"{section}.{key}"
     return f"{path}: {loc}: {msg}"
 
 

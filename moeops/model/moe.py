@@ -65,7 +65,8 @@ class MoE(nn.Module):
         self.args = args
         self.gate = Router(args)
         self.experts = Experts(args)
-        self.shared_experts = MLP(args.dim, args.moe_inter_dim * args.n_shared_experts) if args.n_shared_experts else None
+        n_shared = args.n_shared_experts
+        self.shared_experts = MLP(args.dim, args.moe_inter_dim * n_shared) if n_shared else None
         self.aux_loss = torch.zeros(())
         self.dropped_tokens = 0  # token copies dropped by the capacity limit since the last reset
 

@@ -1,0 +1,50 @@
+"""A model directory describes itself: model.safetensors, config.json (the ModelArgs),
+tokenizer.json and lineage.json. Later stages load it without reading params.yaml."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moeops.cli import UserError
+from moeops.config import load_model_args, save_model_args
+from moeops.io import replace_dir
+from moeops.model.transformer import Transformer
+
+
+def save_model_dir(out_dir: str | Path, model: Transformer, tokenizer_path: str | Path, lineage: dict) -> None:
+    """Write the whole directory next to its destination, then swap it in with a rename."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "config.json").write_text(save_model_args(model.args) + "\n")
+    shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+    (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+    replace_dir(tmp, out_dir)
+
+
+def load_model_dir(model_dir: str | Path) -> Transformer:
+    model_dir = Path(model_dir)
+    for name in ("model.safetensors", "config.json"):
+        if not (model_dir / name).is_file():
+            raise UserError(f"{model_dir / name}: missing (is {model_dir} a model directory?)")
+    args = load_model_args(model_dir / "config.json")
+    model = Transformer(args)
+    try:
+        state = load_file(model_dir / "model.safetensors")
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise UserError(f"{model_dir / 'model.safetensors'}: cannot load ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]

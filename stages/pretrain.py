@@ -1,0 +1,51 @@
+"""DVC stage `pretrain`: data/prepared → models/teacher, metrics/pretrain.json, dvclive plots.
+
+Re-running after Ctrl-C or kill -9 resumes from the newest complete checkpoint in
+checkpoints/pretrain and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moeops.cli import run_main
+from moeops.config import load_section
+from moeops.io import atomic_write_json
+from moeops.lineage import lineage
+from moeops.model.io import save_model_dir
+from moeops.model.transformer import param_counts
+from moeops.train.data import load_meta, load_tokens
+from moeops.train.loop import pretrain
+
+PREPARED = Path("data/prepared")
+OUT = Path("models/teacher")
+CKPT = Path("checkpoints/pretrain")
+LIVE = Path("dvclive/pretrain")
+METRICS = Path("metrics/pretrain.json")
+
+
+def main() -> None:
+    p = load_section("pretrain")
+    meta = load_meta(PREPARED)
+    tokens = load_tokens(PREPARED, "train")
+    result = pretrain(p, tokens, meta["vocab_size"], meta, CKPT, LIVE)
+    inputs = [PREPARED / n for n in ("train.bin", "tokenizer.json", "meta.json")]
+    save_model_dir(OUT, result.model, PREPARED / "tokenizer.json", lineage(inputs, p.model_dump(), "pretrain"))
+    counts = param_counts(result.model.args)
+    atomic_write_json(METRICS, {
+        "steps": p.steps,
+        "tokens": p.steps * p.batch_size * p.seq_len * p.grad_accum,
+        "final_train_loss": round(result.final_loss, 5),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "train_seconds": round(result.seconds, 1),
+        "resumed_from_step": result.resumed_from,
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "maxvio_final": [round(v, 4) for v in result.maxvio],
+    })
+    print(f"pretrain: {OUT} written; {counts['total']:,} params ({counts['active']:,} active), "
+          f"{result.tokens_per_s:,.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    run_main(main)

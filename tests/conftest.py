@@ -1,0 +1,78 @@
+"""Shared fixtures: a small generated corpus prepared once per session, and a helper that
+runs a stage exactly as DVC does (`python -m stages.<name>` in a project directory)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+DEBUG_PARAMS = {
+    "prepare": {"vocab_size": 384, "val_fraction": 0.2, "val_fraction_tolerance": 0.2},
+    "pretrain": {"flavor": "debug", "steps": 30, "batch_size": 8, "seq_len": 64, "warmup_steps": 5,
+                 "checkpoint_every": 5, "keep_checkpoints": 2, "log_every": 5, "threads": 1, "lr": 0.003},
+    "evaluate": {"batch_size": 8, "max_tokens": 4096, "speed_tokens": 512, "threads": 1},
+}
+
+
+def make_corpus(root: Path, n_files: int = 60, seed: int = 0) -> Path:
+    """Python-like files built from templates: structured enough to learn in a few steps."""
+    rng = random.Random(seed)
+    names = ["alpha", "beta", "gamma", "delta", "value", "items", "count", "total", "result", "buffer"]
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        lines = [f'"""Module {i}: generated for tests."""', "", "import os", ""]
+        for j in range(rng.randint(3, 8)):
+            a, b = rng.sample(names, 2)
+            lines += [f"def {a}_{j}({b}, {a}=None):", f"    if {a} is None:", f"        {a} = {rng.randint(0, 99)}",
+                      f"    for x in range({b}):", f"        {a} += x * {rng.randint(1, 9)}", f"    return {a}", ""]
+        (root / f"mod_{i:03d}.py").write_text("\n".join(lines))
+    return root
+
+
+def write_params(project: Path, **sections) -> None:
+    params = {k: dict(v) for k, v in DEBUG_PARAMS.items()}
+    for name, values in sections.items():
+        params[name] = {**params.get(name, {}), **values}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stage_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONHASHSEED="0")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def run_stage(name: str, cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=stage_env(),
+                          capture_output=True, text=True, timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stage {name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def prepared_project(tmp_path_factory) -> Path:
+    """A project directory with params.yaml and data/ from the real corpus and prepare stages."""
+    project = tmp_path_factory.mktemp("prepared")
+    corpus = make_corpus(project / "corpus")
+    write_params(project, corpus={"source": str(corpus)})
+    run_stage("corpus", project)
+    run_stage("prepare", project)
+    return project
+
+
+@pytest.fixture
+def project(prepared_project, tmp_path) -> Path:
+    """A fresh copy of the prepared project for one test."""
+    dst = tmp_path / "project"
+    shutil.copytree(prepared_project, dst)
+    return dst
