@@ -9,6 +9,8 @@ export PYTHONHASHSEED := 0
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
+# DVC stage commands call `python`: make it the venv's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: pipeline test lint bench flow ui clean
 

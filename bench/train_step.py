@@ -1,0 +1,106 @@
+"""Training-step throughput: ours vs transformers' DeepseekV3ForCausalLM at the same config,
+batch, sequence length and threads, interleaved in one process; and MFU against a matmul
+peak measured on the same machine.
+
+    python -m bench.train_step [--flavor small] [--batch 16] [--seq 256] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moeops.config import PretrainParams, make_model_args
+from moeops.model.hf import hf_config_dict
+from moeops.model.transformer import build_model, param_counts
+from moeops.train.loop import make_optimizer
+
+
+def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def train_flops_per_token(args, seq_len: int) -> float:
+    """6 × active non-embedding params (forward + backward matmuls) + causal attention scores
+    (12 · layers · heads · seq · head_dim / 2, PaLM appendix B with a causal half)."""
+    counts = param_counts(args)
+    active_matmul = counts["active"] - args.vocab_size * args.dim  # embedding lookup is not a matmul
+    qk, v = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
+    attn = 6 * args.n_layers * args.n_heads * seq_len * (qk + v) / 2
+    return 6 * active_matmul + attn
+
+
+def make_step(model, optimizer, x_BS, vocab):
+    def step():
+        logits = model(x_BS)
+        logits = logits.logits if hasattr(logits, "logits") else logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x_BS.flatten() % vocab)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def run(flavor: str, batch: int, seq: int, repeats: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    args = make_model_args(flavor, {"max_seq_len": max(seq, make_model_args(flavor).max_seq_len)})
+    ours = build_model(args, seed=0).train()
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    fields = {k: v for k, v in hf_config_dict(args).items() if k not in ("model_type", "architectures")}
+    theirs = DeepseekV3ForCausalLM(DeepseekV3Config(**fields)).train()
+    theirs.load_state_dict(ours.state_dict())
+    p = PretrainParams(flavor=flavor, seq_len=min(seq, args.max_seq_len), model={"max_seq_len": args.max_seq_len})
+    x_BS = torch.randint(0, args.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    steps = {"moeops": make_step(ours, make_optimizer(ours, p), x_BS, args.vocab_size),
+             "transformers": make_step(theirs, make_optimizer(theirs, p), x_BS, args.vocab_size)}
+    for fn in steps.values():  # warm-up
+        fn()
+    times = {k: [] for k in steps}
+    for _ in range(repeats):  # interleaved so both see the same machine state
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    tokens = batch * seq
+    tok_s = {k: tokens / statistics.median(v) for k, v in times.items()}
+    peak = matmul_peak_gflops(threads)
+    flops = train_flops_per_token(args, seq)
+    return {
+        "flavor": flavor, "batch": batch, "seq": seq, "threads": threads, "repeats": repeats,
+        "tokens_per_s": {k: round(v, 1) for k, v in tok_s.items()},
+        "speedup_vs_transformers": round(tok_s["moeops"] / tok_s["transformers"], 3),
+        "matmul_peak_gflops_fp32": round(peak, 1),
+        "train_flops_per_token": round(flops),
+        "mfu_fp32": round(tok_s["moeops"] * flops / (peak * 1e9), 4),
+        "params": param_counts(args),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--flavor", default="small")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a = ap.parse_args()
+    import json
+
+    print(json.dumps(run(a.flavor, a.batch, a.seq, a.repeats, a.threads), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""`python -m moeops.summary`: what `make pipeline` prints at the end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def read(path: str) -> dict:
+    p = Path(path)
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def summary() -> str:
+    ev, pre, data = read("metrics/eval.json"), read("metrics/pretrain.json"), read("metrics/data.json")
+    if not ev:
+        return "no metrics/eval.json yet: run `make pipeline` (dvc repro)"
+    v, ref = ev["val"], ev["reference_bits_per_byte"]
+    rows = [("teacher (MoE)", v["bits_per_byte"]), ("xz -9e", ref["xz_9e"]), ("gzip -9", ref["gzip_9"])]
+    lines = [f"val bits-per-byte on the same {v['bytes']:,} bytes ({v['tokens']:,} tokens):"]
+    lines += [f"  {name:<14} {bpb:.4f}" for name, bpb in sorted(rows, key=lambda r: r[1])]
+    beat = "beats" if v["bits_per_byte"] < ref["xz_9e"] else "does NOT beat"
+    lines.append(f"  the teacher {beat} xz -9e")
+    lines.append(f"val loss {v['loss']:.4f}, perplexity {v['perplexity']:.2f}, top-1 {v['top1_accuracy']:.3f}")
+    if pre:
+        lines.append(f"training: {pre['tokens']:,} tokens, {pre['tokens_per_s']:,.0f} tokens/s, "
+                     f"{pre['train_seconds']:.0f} s; {pre['params_total']:,} params ({pre['params_active']:,} active)")
+    if data:
+        lines.append(f"data: {json.dumps({k: data[k] for k in list(data)[:4]})}")
+    lines.append("reports: reports/data/docs/index.html (GX Data Docs), reports/data/summary.json, "
+                 "dvclive/pretrain (training curves), plots/expert_load.png, metrics/*.json; `dvc plots show`")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(summary())
+    sys.exit(0)

@@ -1,0 +1,32 @@
+"""DVC stage `prepare`: manifest -> filtered, split, tokenized and validated data in data/prepared.
+
+Paths are relative to the working directory (DVC runs stages from the repo root), which is also
+how the tests run it against a corpus of their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moeops.cli import run_main
+from moeops.config import load_section
+from moeops.data.prepare import prepare
+
+MANIFEST = Path("data/corpus/manifest.jsonl")
+OUT = Path("data/prepared")
+REPORTS = Path("reports/data")
+METRICS = Path("metrics/data.json")
+
+
+def main() -> dict:
+    params = load_section("prepare")
+    metrics = prepare(params, MANIFEST, OUT, REPORTS, METRICS)
+    splits = ", ".join(f"{s} {metrics[s]['n_docs']} docs / {metrics[s]['n_tokens']} tokens" for s in ("train", "val"))
+    skipped = sum(metrics["skipped"].values())
+    print(f"prepare: {splits}; {skipped} skipped; tokenizer {metrics['tokenizer_seconds']:.1f}s, "
+          f"encode {metrics['encode_seconds']:.1f}s, validate {metrics['validate_seconds']:.1f}s -> {OUT}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,403 @@
+"""Corpus and prepare stages: manifest, filtering, hash split, BPE round-trip, determinism, the GX
+suite, and bad inputs that must end in one `error:` line, a non-zero exit and an untouched data/prepared.
+
+Corpora are generated per test under tmp_path (a few dozen small files, vocab_size 300); the error
+paths run the real stage as a subprocess with cwd=tmp_path, exactly as DVC would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from moeops.cli import UserError
+from moeops.config import PrepareParams
+from moeops.data import corpus as corpus_mod
+from moeops.data import prepare as prep
+from moeops.io import sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("the model routes each token to a few experts while shared experts see every token and the "
+         "router learns which expert fits best given load balance bias updates data pipeline stage cache "
+         "tokenizer merges bytes into pieces train validation split hash document corpus").split()
+PREPARE = {"vocab_size": 300, "val_fraction": 0.25, "val_fraction_tolerance": 0.2, "max_skipped_fraction": 0.02,
+           "min_bytes_per_token": 1.0, "max_bytes_per_token": 8.0}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def text(rng: random.Random, n_words: int = 150) -> str:
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(n_words // 12)]
+    return "\n".join(lines) + "\n"
+
+
+def named_for_split(folder: Path, stem: str, split: str, val_fraction: float) -> Path:
+    """The first `{stem}_{i}.txt` in `folder` whose path identity hashes into `split`."""
+    for i in range(10_000):
+        path = folder / f"{stem}_{i:04d}.txt"
+        if not path.exists() and prep.split_of(os.path.abspath(path), val_fraction) == split:
+            return path
+    raise AssertionError("no name found")
+
+
+def make_corpus(folder: Path, n_train: int = 30, n_val: int = 10, seed: int = 0, val_fraction: float = 0.25) -> Path:
+    """Files chosen by name to land exactly n_train/n_val in each split, so the val-fraction check
+    never flakes on the random absolute path of tmp_path."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for _ in range(n):
+            named_for_split(folder, "doc", split, val_fraction).write_text(text(rng))
+    return folder
+
+
+def write_params(root: Path, source, **prepare) -> None:
+    params = {"corpus": {"source": source, "extensions": [".txt"]}, "prepare": {**PREPARE, **prepare}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def run_stage(root: Path, stage: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def run_in(root: Path, stage_main):
+    with contextlib.chdir(root):
+        return stage_main()
+
+
+def assert_failed(proc: subprocess.CompletedProcess, rc: int, expected: str | re.Pattern) -> None:
+    assert proc.returncode == rc, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if isinstance(expected, re.Pattern):
+        assert expected.fullmatch(proc.stderr), proc.stderr
+    else:
+        assert proc.stderr == expected, proc.stderr
+
+
+def assert_untouched(root: Path, before: dict[str, bytes] | None = None) -> None:
+    """data/prepared is exactly as before (absent, or the same files) and no temp dir is left behind."""
+    prepared = root / "data" / "prepared"
+    if before is None:
+        assert not prepared.exists()
+    else:
+        assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
+    assert not [p for p in (root / "data").iterdir() if p.name.startswith(".prepared")]
+
+
+def seed_prepared(root: Path) -> dict[str, bytes]:
+    """A stand-in for a previous good output, to show a failed run does not touch it."""
+    prepared = root / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    (prepared / "meta.json").write_text('{"previous": "run"}\n')
+    return {"meta.json": (prepared / "meta.json").read_bytes()}
+
+
+# ---------------------------------------------------------------- a good run (shared)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """A corpus with one duplicate and one empty file, prepared in-process twice (for determinism)."""
+    from stages import corpus as corpus_stage
+    from stages import prepare as prepare_stage
+
+    root = tmp_path_factory.mktemp("good")
+    src = make_corpus(root / "src")
+    (src / "dup.txt").write_text((src / sorted(os.listdir(src))[0]).read_text())
+    (src / "empty.txt").write_text("  \n")
+    (src / "notes.md").write_text("not taken: wrong extension")
+    write_params(root, "src", max_skipped_fraction=0.1)
+    run_in(root, corpus_stage.main)
+    metrics = run_in(root, prepare_stage.main)
+    first = {p.name: p.read_bytes() for p in (root / "data" / "prepared").iterdir()}
+    metrics2 = run_in(root, prepare_stage.main)
+    return root, first, metrics, metrics2
+
+
+def test_prepare_outputs(good):
+    root, _, metrics, _ = good
+    out = root / "data" / "prepared"
+    assert sorted(p.name for p in out.iterdir()) == ["docs.parquet", "meta.json", "tokenizer.json", "train.bin",
+                                                     "train.idx.npy", "val.bin", "val.idx.npy"]
+    meta = json.loads((out / "meta.json").read_text())
+    manifest = root / "data" / "corpus" / "manifest.jsonl"
+    assert meta["vocab_size"] == 300 and meta["dtype"] == "uint16" and meta["eos_id"] == 0
+    assert meta["source_manifest_sha256"] == sha256_file(manifest)
+    docs = pd.read_parquet(out / "docs.parquet")
+    assert list(docs.columns) == ["path", "sha256", "n_bytes", "n_tokens", "split", "status", "max_token_id"]
+    assert len(docs) == 42 and docs.status.value_counts().to_dict() == {"kept": 40, "duplicate": 1, "empty": 1}
+    for split in ("train", "val"):
+        tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+        idx = np.load(out / f"{split}.idx.npy")
+        kept = docs[(docs.status == "kept") & (docs.split == split)]
+        assert idx.dtype == np.int64 and len(idx) == len(kept) + 1 == meta["splits"][split]["n_docs"] + 1
+        assert idx[-1] == len(tokens) == meta["splits"][split]["n_tokens"] == (kept.n_tokens + 1).sum()
+        assert (tokens[idx[1:] - 1] == 0).all() and tokens.max() < 300
+        assert metrics[split]["n_docs"] == len(kept)
+    skipped = docs[docs.status != "kept"]
+    assert (skipped.split == "").all() and (skipped.n_tokens == 0).all() and (skipped.max_token_id == -1).all()
+    assert metrics["skipped"] == {"invalid_utf8": 0, "empty": 1, "binary": 0, "too_small": 0, "oversized": 0,
+                                  "duplicate": 1}
+    assert {"tokenizer_seconds", "encode_seconds"} <= set(metrics)
+    assert json.loads((root / "metrics" / "data.json").read_text())["train"]["n_docs"] == metrics["train"]["n_docs"]
+    summary = json.loads((root / "reports" / "data" / "summary.json").read_text())
+    assert summary["success"] and len(summary["expectations"]) >= 9
+    assert all({"name", "column", "success", "observed"} <= set(e) for e in summary["expectations"])
+    assert (root / "reports" / "data" / "docs" / "index.html").is_file()
+
+
+def test_round_trip(good):
+    """Every kept document decodes from its slice of the token file back to its exact text."""
+    from tokenizers import Tokenizer
+
+    root = good[0]
+    out = root / "data" / "prepared"
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.token_to_id(prep.EOS) == 0
+    docs = pd.read_parquet(out / "docs.parquet")
+    for split in ("train", "val"):
+        tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+        idx = np.load(out / f"{split}.idx.npy")
+        kept = docs[(docs.status == "kept") & (docs.split == split)]
+        for (start, end), path in zip(zip(idx[:-1], idx[1:]), kept.path, strict=True):
+            assert prep.decode_document(tok, tokens[start:end - 1]) == Path(path).read_text()
+    # Text the corpus never showed, including the EOS string itself, which must stay plain text.
+    tricky = ["naïve café ☕ 日本語 🦀\r\n\ttabs", "a<|endoftext|>b", " leading and trailing  ", "\x0c\x0b"]
+    _, _, per_doc = prep.encode_documents(tok, tricky, "uint16", "test")
+    assert [prep.decode_document(tok, ids) for ids in per_doc] == tricky
+    assert all(0 not in ids for ids in per_doc)
+
+
+def test_determinism(good):
+    """Two runs over the same corpus give byte-identical outputs (tokenizer.json and token files included)."""
+    root, first, _, _ = good
+    second = {p.name: p.read_bytes() for p in (root / "data" / "prepared").iterdir()}
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name] == second[name], name
+
+
+def test_split_by_path_hash(good):
+    root = good[0]
+    docs = pd.read_parquet(root / "data" / "prepared" / "docs.parquet")
+    kept = docs[docs.status == "kept"]
+    assert (kept.split == [prep.split_of(p, 0.25) for p in kept.path]).all()
+    assert (kept.split == "val").sum() == 10  # make_corpus chose names for exactly 10 val documents
+    # The rule itself: a fixed identity keeps its split, and the fraction converges on val_fraction.
+    assert prep.split_of("/a/b.py", 0.5) == prep.split_of("/a/b.py", 0.5)
+    share = np.mean([prep.split_of(f"/corpus/{i}.py", 0.1) == "val" for i in range(20_000)])
+    assert abs(share - 0.1) < 0.01
+
+
+# ---------------------------------------------------------------- corpus stage
+
+
+def test_manifest_sorted_stable_and_sources(tmp_path):
+    from stages import corpus as corpus_stage
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for name in ("b.txt", "a.txt", "sub/c.txt", "skip.md"):
+        (src / name).write_text(f"content of {name}\n")
+    write_params(tmp_path, "src")
+    run_in(tmp_path, corpus_stage.main)
+    manifest = tmp_path / "data" / "corpus" / "manifest.jsonl"
+    first = manifest.read_bytes()
+    entries = [json.loads(line) for line in first.splitlines()]
+    paths = [e["path"] for e in entries]
+    assert paths == sorted(paths) and [Path(p).name for p in paths] == ["a.txt", "b.txt", "c.txt"]
+    assert entries[0] == {"path": str(src / "a.txt"), "size": 17, "sha256": sha256_file(src / "a.txt")}
+    run_in(tmp_path, corpus_stage.main)
+    assert manifest.read_bytes() == first
+    # A glob, a list (overlaps counted once) and a .jsonl file are sources too.
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    files = corpus_mod.list_corpus([str(src / "*.txt"), str(src), str(tmp_path / "d.jsonl")], [".txt"])
+    assert [f.name for f in files] == ["d.jsonl", "a.txt", "b.txt", "c.txt"]
+
+
+def test_stdlib_source_excludes_tests_and_packages():
+    files = corpus_mod.stdlib_files()
+    dirs = {part for f in files for part in f.parts[:-1]}
+    assert len(files) > 300 and any(f.name == "__init__.py" and f.parent.name == "json" for f in files)
+    assert not dirs & {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    assert not [d for d in dirs if d.startswith("test_") or d.endswith("_test")]
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_classify_reasons():
+    p = PrepareParams(min_doc_bytes=5, max_doc_bytes=100)
+    assert prep.classify(b"hello world", 5, 100) == ("kept", "hello world")
+    assert prep.classify(b"caf\xe9 au lait", 5, 100)[0] == "invalid_utf8"
+    assert prep.classify(b" \n\t ", 5, 100)[0] == "empty"
+    assert prep.classify(b"text\x00more", 5, 100)[0] == "binary"
+    assert prep.classify(bytes(range(1, 32)) * 3 + b"abc", 5, 100)[0] == "binary"
+    assert prep.classify(b"hi", 5, 100)[0] == "too_small"
+    assert prep.classify(b"x" * 101, 5, 100)[0] == "oversized"
+    docs = [prep.RawDoc("/a", b"same text"), prep.RawDoc("/b", b"same text"), prep.RawDoc("/c", b"other text")]
+    table, texts = prep.filter_documents(docs, p)
+    assert table.status.tolist() == ["kept", "duplicate", "kept"] and texts == ["same text", "other text"]
+    table, texts = prep.filter_documents(docs, p.model_copy(update={"dedup": False}))
+    assert table.status.tolist() == ["kept"] * 3
+
+
+def test_jsonl_documents(tmp_path):
+    good = b'{"text": "first"}\n\n{"text": "second", "id": 2}\n{"text": "\\ud800"}\n\xff\xfe\n'
+    docs = list(prep.jsonl_documents("/c.jsonl", good))
+    assert [d.identity for d in docs] == ["/c.jsonl:1", "/c.jsonl:3", "/c.jsonl:4", "/c.jsonl:5"]
+    assert [prep.classify(d.data, 1, 100)[0] for d in docs] == ["kept", "kept", "invalid_utf8", "invalid_utf8"]
+    with pytest.raises(UserError, match=r"^/c.jsonl:2: not valid JSON \(Expecting value\)$"):
+        list(prep.jsonl_documents("/c.jsonl", b'{"text": "ok"}\n{"text": nope}\n'))
+    with pytest.raises(UserError, match=r'^/c.jsonl:1: no "text" field$'):
+        list(prep.jsonl_documents("/c.jsonl", b'{"body": "x"}\n'))
+
+
+def test_no_documents_left(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("")
+    (tmp_path / "src" / "b.txt").write_bytes(b"\x00\x01")
+    entries = corpus_mod.write_manifest(str(tmp_path / "src"), [".txt"], tmp_path / "m.jsonl")
+    assert len(entries) == 2
+    with pytest.raises(UserError, match=r"no documents left in .*m.jsonl after filtering \(empty: 1, binary: 1\)"):
+        prep.prepare(PrepareParams(**PREPARE), tmp_path / "m.jsonl", tmp_path / "out", tmp_path / "rep",
+                     tmp_path / "metrics.json")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- bad inputs, end to end
+
+
+def corpus_then_prepare(root: Path) -> subprocess.CompletedProcess:
+    proc = run_stage(root, "corpus")
+    assert proc.returncode == 0, proc.stderr
+    return run_stage(root, "prepare")
+
+
+BAD_FILES = {"binary": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 8,
+             "invalid_utf8": "café au lait, crème brûlée\n".encode("latin-1") * 8}
+
+
+def bad_file_project(root: Path, kind: str) -> str:
+    """One bad file in 41 is 2.44% skipped > max_skipped_fraction=0.02."""
+    make_corpus(root / "src")
+    (root / "src" / "bad.txt").write_bytes(BAD_FILES[kind])
+    write_params(root, "src")
+    return (f"error: expect_column_values_to_be_in_set(status): 2.44% of documents skipped "
+            f"({kind}: 1) > max_skipped_fraction=0.02\n")
+
+
+def leak_project(root: Path) -> str:
+    """dedup: false and two identical files whose paths hash into different splits."""
+    src = make_corpus(root / "src")
+    names = []
+    for split in ("train", "val"):
+        path = named_for_split(src, "dup", split, 0.25)
+        path.write_text("the same document twice\n" * 20)
+        names.append(path.name)
+    write_params(root, "src", dedup=False)
+    first, second = sorted(names)
+    return (f"error: expect_column_values_to_be_in_set(in_both_splits): 2 kept documents have identical content "
+            f"in both train and val ({first}, {second}); set prepare.dedup: true\n")
+
+
+@pytest.fixture(scope="module")
+def suite_failures(tmp_path_factory):
+    """The cases the GX suite must stop, run as concurrent subprocesses: each pays GX's multi-second
+    import, and side by side that cost is paid once per core instead of once per case."""
+    cases = {}
+    for name in ("binary", "invalid_utf8", "leak"):
+        root = tmp_path_factory.mktemp(name)
+        expected = leak_project(root) if name == "leak" else bad_file_project(root, name)
+        assert run_stage(root, "corpus").returncode == 0
+        cases[name] = (root, expected, seed_prepared(root) if name != "leak" else None)
+    # One tokenizers thread each: the corpora are tiny, and idle rayon workers spinning in three
+    # processes at once would steal the cores the GX imports need.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAYON_NUM_THREADS": "1"}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "stages.prepare"], cwd=root, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, (root, _, _) in cases.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return {name: (*cases[name], results[name]) for name in cases}
+
+
+@pytest.mark.parametrize("kind", ["binary", "invalid_utf8"])
+def test_skipped_fraction_fails_suite(suite_failures, kind):
+    """The GX suite stops the stage; data/prepared keeps the previous run, the reports are still written."""
+    root, expected, before, proc = suite_failures[kind]
+    assert_failed(proc, 1, expected)
+    assert_untouched(root, before)
+    summary = json.loads((root / "reports" / "data" / "summary.json").read_text())
+    assert not summary["success"] and (root / "reports" / "data" / "docs" / "index.html").is_file()
+    failed = [e for e in summary["expectations"] if not e["success"]]
+    assert [(e["column"], e["observed"]["unexpected_count"]) for e in failed] == [("status", 1)]
+    assert not (root / "metrics" / "data.json").exists()
+
+
+def test_duplicate_across_splits_fails_suite(suite_failures):
+    root, expected, _, proc = suite_failures["leak"]
+    assert_failed(proc, 1, expected)
+    assert_untouched(root)
+
+
+def test_corpus_too_small_for_vocab(tmp_path):
+    make_corpus(tmp_path / "src", n_train=6, n_val=2)
+    write_params(tmp_path, "src", vocab_size=5000)
+    proc = corpus_then_prepare(tmp_path)
+    assert_failed(proc, 2, re.compile(r"error: prepare\.vocab_size: corpus too small for vocab_size=5000 "
+                                      r"\(tokenizer learned only \d+ tokens\)\n"))
+    assert_untouched(tmp_path)
+    assert not (tmp_path / "reports").exists()
+
+
+def test_source_changed_after_manifest(tmp_path):
+    src = make_corpus(tmp_path / "src", n_train=6, n_val=2)
+    write_params(tmp_path, "src")
+    assert run_stage(tmp_path, "corpus").returncode == 0
+    changed = sorted(src.iterdir())[3]
+    changed.write_text(changed.read_text() + "edited\n")
+    before = seed_prepared(tmp_path)
+    proc = run_stage(tmp_path, "prepare")
+    assert_failed(proc, 2, f"error: {changed}: changed since data/corpus/manifest.jsonl was written; "
+                           f"rerun `python -m stages.corpus`\n")
+    assert_untouched(tmp_path, before)
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "readme.md").write_text("not a .txt")
+    write_params(tmp_path, "src")
+    proc = run_stage(tmp_path, "corpus")
+    assert_failed(proc, 2, "error: corpus: no documents found in src (extensions: .txt)\n")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("source, message", [("missing_dir", "missing_dir: no such file or directory"),
+                                             ("src/*.nothing", "src/*.nothing: pattern matches no files")])
+def test_nonexistent_source(tmp_path, source, message):
+    make_corpus(tmp_path / "src", n_train=2, n_val=1)
+    write_params(tmp_path, ["src", source])
+    proc = run_stage(tmp_path, "corpus")
+    assert_failed(proc, 2, f"error: corpus.source: {message}\n")
+    assert not (tmp_path / "data").exists()
+    # prepare without a manifest says what to run instead of a traceback
+    proc = run_stage(tmp_path, "prepare")
+    assert_failed(proc, 2, "error: data/corpus/manifest.jsonl: not found (run `python -m stages.corpus` first)\n")
+    assert not (tmp_path / "data" / "prepared").exists()

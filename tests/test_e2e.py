@@ -1,0 +1,71 @@
+"""End to end: `dvc repro` of a copy of this repository with the debug flavor on a small
+generated corpus, then the Prefect flow over the same copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import DEBUG_PARAMS, REPO, make_corpus
+
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def sh(*argv, cwd, check=True):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONHASHSEED="0")
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    """The repository's tracked and unignored files, committed into a fresh git repo."""
+    dst = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    corpus = make_corpus(dst.parent / "corpus")
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["corpus"]["source"] = str(corpus)
+    for section, values in DEBUG_PARAMS.items():
+        params[section].update(values)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for argv in (["git", "init", "-q"], ["git", "add", "-A"],
+                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        sh(*argv, cwd=dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage_then_caches(repo_copy):
+    sh(DVC, "repro", cwd=repo_copy)
+    lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"corpus", "prepare", "pretrain", "evaluate"}
+    ev = json.loads((repo_copy / "metrics/eval.json").read_text())
+    assert ev["val"]["bits_per_byte"] > 0
+    for path in ("models/teacher/model.safetensors", "data/prepared/train.bin", "reports/data/summary.json",
+                 "plots/expert_load.png", "dvclive/pretrain/plots/metrics/train/loss.tsv"):
+        assert (repo_copy / path).is_file(), path
+    again = sh(DVC, "repro", cwd=repo_copy)
+    assert "Running stage 'pretrain'" not in again.stdout and "Running stage 'prepare'" not in again.stdout
+    shown = json.loads(sh(DVC, "metrics", "show", "--json", cwd=repo_copy).stdout)
+    assert "metrics/eval.json" in json.dumps(shown)
+    # A changed source file re-runs prepare and everything after it.
+    corpus = Path(yaml.safe_load((repo_copy / "params.yaml").read_text())["corpus"]["source"])
+    with open(corpus / "mod_000.py", "a") as f:
+        f.write("\n# changed\n")
+    status = sh(DVC, "status", cwd=repo_copy, check=False)
+    sh(DVC, "repro", "corpus", cwd=repo_copy)
+    status = sh(DVC, "status", cwd=repo_copy, check=False).stdout
+    assert "prepare" in status and "changed deps" in status
