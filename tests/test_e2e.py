@@ -21,7 +21,8 @@ def sh(*argv, cwd, check=True):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONHASHSEED="0")
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode:
-        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n{tail}")
     return proc
 
 
@@ -65,7 +66,6 @@ def test_dvc_repro_runs_every_stage_then_caches(repo_copy):
     corpus = Path(yaml.safe_load((repo_copy / "params.yaml").read_text())["corpus"]["source"])
     with open(corpus / "mod_000.py", "a") as f:
         f.write("\n# changed\n")
-    status = sh(DVC, "status", cwd=repo_copy, check=False)
     sh(DVC, "repro", "corpus", cwd=repo_copy)
     status = sh(DVC, "status", cwd=repo_copy, check=False).stdout
     assert "prepare" in status and "changed deps" in status
