@@ -60,6 +60,18 @@ def run_stage(name: str, cwd: Path, check: bool = True, **kw) -> subprocess.Comp
 
 
 @pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect test server for the session (~15 s to start on 2 cores)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DVC_NO_ANALYTICS", "1")
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from the test server
+        with prefect_test_harness():
+            yield
+
+
+@pytest.fixture(scope="session")
 def prepared_project(tmp_path_factory) -> Path:
     """A project directory with params.yaml and data/ from the real corpus and prepare stages."""
     project = tmp_path_factory.mktemp("prepared")

@@ -69,3 +69,31 @@ def test_dvc_repro_runs_every_stage_then_caches(repo_copy):
     sh(DVC, "repro", "corpus", cwd=repo_copy)
     status = sh(DVC, "status", cwd=repo_copy, check=False).stdout
     assert "prepare" in status and "changed deps" in status
+
+
+@pytest.mark.slow
+def test_prefect_flow_over_the_same_repo_publishes_eval_metrics(repo_copy, prefect_api, monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import pipeline
+
+    if not (repo_copy / "metrics/eval.json").is_file():
+        sh(DVC, "repro", cwd=repo_copy)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    state = pipeline(repo=str(repo_copy), return_state=True)
+    assert state.is_completed()
+    metrics = state.result()
+    assert metrics == json.loads((repo_copy / "metrics/eval.json").read_text())
+
+    async def artifacts():
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["eval-metrics"])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+
+    import asyncio
+
+    found = asyncio.run(artifacts())
+    assert len(found) == 1 and "val.bits_per_byte" in str(found[0].data)
