@@ -85,6 +85,16 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(project, monkey
     torch.use_deterministic_algorithms(False)
 
 
+def test_bf16_autocast_trains(project, monkeypatch):
+    monkeypatch.chdir(project)
+    p = load_section("pretrain").model_copy(update={"bf16": True, "steps": 6, "warmup_steps": 2})
+    meta = load_meta(Path("data/prepared"))
+    result = pretrain(p, load_tokens(Path("data/prepared"), "train"), meta["vocab_size"], meta,
+                      project / "checkpoints/bf16")
+    assert math.isfinite(result.final_loss) and result.final_loss < 6.5
+    torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.parametrize("override,message", [
     ({"lr": -1.0}, "params.yaml: pretrain.lr: Input should be greater than 0"),
     ({"model": {"top_k": 9}}, "params.yaml: pretrain.model.top_k: 9 > n_routed_experts=8"),
