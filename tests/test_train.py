@@ -49,6 +49,7 @@ def test_same_params_give_bitwise_identical_weights(project, tmp_path):
 def test_kill_9_midway_then_rerun_resumes_to_identical_weights(project, tmp_path):
     import shutil
 
+    write_params(project, pretrain={"steps": 80})  # long enough that the kill lands midway
     reference = tmp_path / "reference"
     shutil.copytree(project, reference)
     run_stage("pretrain", reference)

@@ -8,7 +8,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -44,7 +43,3 @@ def load_model_dir(model_dir: str | Path) -> Transformer:
     except (SafetensorError, RuntimeError, OSError) as e:
         raise UserError(f"{model_dir / 'model.safetensors'}: cannot load ({str(e).splitlines()[0]})") from None
     return model.eval()
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
