@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from moeops.cli import UserError
 from moeops.model.transformer import (
     Transformer,
     expert_loads,
@@ -74,10 +75,10 @@ def compressed_bits_per_byte(data: bytes) -> dict[str, float]:
 def score(model: Transformer, tokens: np.ndarray, byte_len: np.ndarray, seq_len: int, batch_size: int,
           max_tokens: int) -> dict:
     """Non-overlapping windows of seq_len+1 tokens; every target token is scored once."""
-    n_windows = max(1, min((len(tokens) - 1) // seq_len, math.ceil(max_tokens / seq_len)))
     if len(tokens) < 2:
-        raise ValueError("val split has fewer than 2 tokens")
+        raise UserError(f"val split has {len(tokens)} tokens; at least 2 are needed to score")
     seq_len = min(seq_len, len(tokens) - 1)
+    n_windows = max(1, min((len(tokens) - 1) // seq_len, math.ceil(max_tokens / seq_len)))
     starts = np.arange(n_windows) * seq_len
     nats, correct, count, n_bytes = 0.0, 0, 0, 0
     targets_seen = []
