@@ -27,7 +27,10 @@ def summary() -> str:
         lines.append(f"training: {pre['tokens']:,} tokens, {pre['tokens_per_s']:,.0f} tokens/s, "
                      f"{pre['train_seconds']:.0f} s; {pre['params_total']:,} params ({pre['params_active']:,} active)")
     if data:
-        lines.append(f"data: {json.dumps({k: data[k] for k in list(data)[:4]})}")
+        splits = ", ".join(f"{s} {data[s]['n_docs']:,} docs / {data[s]['n_tokens']:,} tokens" for s in ("train", "val"))
+        skipped = ", ".join(f"{k} {v}" for k, v in data["skipped"].items() if v) or "none"
+        lines.append(f"data: {splits}; skipped: {skipped}; tokenizer {data['tokenizer_seconds']:.1f} s, "
+                     f"encode {data['encode_seconds']:.1f} s")
     lines.append("reports: reports/data/docs/index.html (GX Data Docs), reports/data/summary.json, "
                  "dvclive/pretrain (training curves), plots/expert_load.png, metrics/*.json; `dvc plots show`")
     return "\n".join(lines)
