@@ -172,21 +172,21 @@ class PretrainParams(Section):
     flavor: str = "small"
     model: dict[str, Any] = {}  # ModelArgs overrides on top of the flavor
     seed: int = 0
-    steps: int = Field(1000, ge=1)
+    steps: int = Field(500, ge=1)
     batch_size: int = Field(16, ge=1)
     seq_len: int = Field(256, ge=2)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-3, gt=0)
     min_lr: float = Field(3e-4, ge=0)
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)  # 0 = off
-    bias_update_speed: float = Field(1e-3, ge=0)  # gamma of the aux-loss-free balancing; 0 = off
+    bias_update_speed: float = Field(0.01, ge=0)  # gamma of the aux-loss-free balancing; 0 = off
     bf16: bool = False
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = all cores
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
 
@@ -199,6 +199,8 @@ class PretrainParams(Section):
 
     @model_validator(mode="after")
     def _combos(self):
+        if "vocab_size" in self.model:
+            raise ValueError("model.vocab_size: set by the tokenizer; change prepare.vocab_size instead")
         args = make_model_args(self.flavor, self.model)  # raises ValueError("model.<key>: ...")
         if self.seq_len > args.max_seq_len:
             raise ValueError(f"seq_len: {self.seq_len} > model max_seq_len {args.max_seq_len}")
@@ -209,7 +211,9 @@ class PretrainParams(Section):
         return self
 
     def model_args(self, vocab_size: int) -> ModelArgs:
-        return make_model_args(self.flavor, {**self.model, "vocab_size": vocab_size})
+        """The trained model's architecture: the vocabulary is the tokenizer's, and the context is the
+        training seq_len (evaluation never scores positions the model was not trained on)."""
+        return make_model_args(self.flavor, {**self.model, "vocab_size": vocab_size, "max_seq_len": self.seq_len})
 
 
 class EvaluateParams(Section):

@@ -149,6 +149,7 @@ def test_param_counts():
     counts = param_counts(args)
     model = build_model(args)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
-    n_moe = args.n_layers - args.first_k_dense_replace
-    inactive = n_moe * (args.n_routed_experts - args.top_k) * 3 * args.dim * args.moe_inter_dim
+    per_expert = [m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel() for m in model.moe_layers()]
+    inactive = sum(n * (args.n_routed_experts - args.top_k) for n in per_expert)
+    assert len(per_expert) == args.n_layers - args.first_k_dense_replace
     assert counts["active"] == counts["total"] - inactive

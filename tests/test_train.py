@@ -90,10 +90,35 @@ def test_bf16_autocast_trains(project, monkeypatch):
     monkeypatch.chdir(project)
     p = load_section("pretrain").model_copy(update={"bf16": True, "steps": 6, "warmup_steps": 2})
     meta = load_meta(Path("data/prepared"))
-    result = pretrain(p, load_tokens(Path("data/prepared"), "train"), meta["vocab_size"], meta,
-                      project / "checkpoints/bf16")
-    assert math.isfinite(result.final_loss) and result.final_loss < 6.5
+    seen = []
+
+    def record(step, loss):
+        seen.append(loss.item())
+        return loss
+
+    pretrain(p, load_tokens(Path("data/prepared"), "train"), meta["vocab_size"], meta,
+             project / "checkpoints/bf16", loss_hook=record)
+    assert len(seen) == 6 and all(map(math.isfinite, seen)) and seen[-1] < seen[0] - 0.3
     torch.use_deterministic_algorithms(False)
+
+
+def test_rerun_after_finish_or_params_change(project):
+    run_stage("pretrain", project)
+    first = weights(project)
+    # Re-running a finished run (dvc repro -f) restores the final checkpoint and reports the whole run.
+    again = run_stage("pretrain", project)
+    assert "resumed from checkpoints/pretrain/step_00000030" in again.stdout
+    assert weights(project) == first
+    metrics = json.loads((project / "metrics/pretrain.json").read_text())
+    assert math.isfinite(metrics["final_train_loss"]) and metrics["tokens_per_s"] > 0
+    # Other params: the old run's checkpoints are discarded, the new run keeps its own.
+    write_params(project, pretrain={"lr": 0.002})
+    changed = run_stage("pretrain", project)
+    assert "discarding" in changed.stdout and "resumed" not in changed.stdout
+    ckpts = sorted((project / "checkpoints/pretrain").iterdir())
+    assert [c.name for c in ckpts] == ["step_00000025", "step_00000030"]
+    assert len({json.loads((c / "state.json").read_text())["run_id"] for c in ckpts}) == 1
+    assert weights(project) != first
 
 
 @pytest.mark.parametrize("override,message", [

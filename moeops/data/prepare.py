@@ -41,7 +41,7 @@ ENCODE_CHUNK = 256  # documents per encode_batch call: big enough for parallelis
 
 
 class RawDoc(NamedTuple):
-    identity: str  # the path, or "path:lineno" for a .jsonl document; decides the split
+    identity: str  # the path relative to the corpus root, or "path:lineno" for a .jsonl document; decides the split
     data: bytes
 
 
@@ -88,14 +88,18 @@ def jsonl_documents(path: str, data: bytes) -> Iterator[RawDoc]:
 
 
 def load_documents(entries: list[dict], manifest: Path) -> list[RawDoc]:
+    """Documents named by their path relative to the corpus root (the common directory of all
+    files), so that the split of the stdlib corpus does not depend on where Python is installed."""
     docs: list[RawDoc] = []
+    root = os.path.commonpath([os.path.dirname(e["path"]) for e in entries]) if entries else ""
     with tqdm(total=sum(e["size"] for e in entries), unit="B", unit_scale=True, desc="read", disable=None) as bar:
         for entry in entries:
             data = read_verified(entry, manifest)
+            name = os.path.relpath(entry["path"], root)
             if entry["path"].endswith(".jsonl"):
-                docs += jsonl_documents(entry["path"], data)
+                docs += jsonl_documents(name, data)
             else:
-                docs.append(RawDoc(entry["path"], data))
+                docs.append(RawDoc(name, data))
             bar.update(entry["size"])
     return docs
 

@@ -45,9 +45,12 @@ def _unicode_to_byte() -> dict[str, int]:
 
 def token_bytes(tokenizer_path: str | Path) -> list[bytes]:
     """The raw bytes of every token id (special tokens: b"")."""
-    spec = json.loads(Path(tokenizer_path).read_text())
-    specials = {t["id"] for t in spec.get("added_tokens", [])}
-    vocab = spec["model"]["vocab"]
+    try:
+        spec = json.loads(Path(tokenizer_path).read_text())
+        specials = {t["id"] for t in spec.get("added_tokens", [])}
+        vocab = spec["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{tokenizer_path}: not a byte-level BPE tokenizer.json ({e})") from None
     table = [b""] * (max(vocab.values()) + 1)
     u2b = _unicode_to_byte()
     for tok, i in vocab.items():
@@ -113,8 +116,9 @@ def score(model: Transformer, tokens: np.ndarray, byte_len: np.ndarray, seq_len:
 @torch.no_grad()
 def inference_speed(model: Transformer, vocab_size: int, seq_len: int, batch_size: int, n_tokens: int,
                     repeats: int = 3) -> float:
-    """Forward (prefill) tokens/s on random tokens: median of `repeats` timed runs after a warm-up."""
-    batch = max(1, min(batch_size, n_tokens // seq_len))
+    """Forward (prefill) tokens/s on about n_tokens random tokens (whole sequences of seq_len):
+    median of `repeats` timed runs after a warm-up."""
+    batch = max(1, n_tokens // seq_len)
     x_BS = torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     model(x_BS)
     times = []
