@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from moeops.config import PretrainParams, make_model_args
-from moeops.model.hf import hf_config_dict
+from moeops.model.hf import hf_model
 from moeops.model.transformer import build_model, param_counts
 from moeops.train.loop import make_optimizer
 
@@ -57,10 +57,7 @@ def run(flavor: str, batch: int, seq: int, repeats: int, threads: int) -> dict:
     torch.manual_seed(0)
     args = make_model_args(flavor, {"max_seq_len": max(seq, make_model_args(flavor).max_seq_len)})
     ours = build_model(args, seed=0).train()
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    fields = {k: v for k, v in hf_config_dict(args).items() if k not in ("model_type", "architectures")}
-    theirs = DeepseekV3ForCausalLM(DeepseekV3Config(**fields)).train()
+    theirs = hf_model(args).train()
     theirs.load_state_dict(ours.state_dict())
     p = PretrainParams(flavor=flavor, seq_len=min(seq, args.max_seq_len), model={"max_seq_len": args.max_seq_len})
     x_BS = torch.randint(0, args.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))

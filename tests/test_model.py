@@ -7,15 +7,12 @@ import torch
 
 from moeops.config import make_model_args
 from moeops.model.attention import apply_rope, rope_angles
-from moeops.model.hf import hf_config_dict
+from moeops.model.hf import hf_model
 from moeops.model.transformer import build_model, max_violation, param_counts, update_router_bias
 
 
 def hf_v3(args):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    fields = {k: v for k, v in hf_config_dict(args).items() if k not in ("model_type", "architectures")}
-    return DeepseekV3ForCausalLM(DeepseekV3Config(**fields)).eval()
+    return hf_model(args).eval()
 
 
 def randomize_bias(model, seed=0):
@@ -43,13 +40,10 @@ def test_logits_equal_transformers_deepseek_v3(overrides):
 def test_softmax_scoring_equals_transformers_deepseek_v2_greedy():
     # transformers' DeepseekV3 scores with sigmoid only; DeepseekV2 with greedy top-k is the
     # softmax-scored DeepSeekMoE with the same MLA (its RoPE layout differs, q·k does not).
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
-
     args = make_model_args("debug", {"score_func": "softmax", "n_group": 1, "topk_group": 1,
                                      "norm_topk_prob": False, "routed_scaling_factor": 1.5})
     ours = build_model(args, seed=3).eval()
-    fields = {k: v for k, v in hf_config_dict(args).items() if k not in ("model_type", "architectures")}
-    theirs = DeepseekV2ForCausalLM(DeepseekV2Config(**fields, topk_method="greedy")).eval()
+    theirs = hf_model(args, "DeepseekV2", topk_method="greedy").eval()
     state = {k: v for k, v in ours.state_dict().items() if "e_score_correction_bias" not in k}
     theirs.load_state_dict(state, strict=True)
     tokens = torch.randint(0, args.vocab_size, (2, 33), generator=torch.Generator().manual_seed(4))

@@ -158,3 +158,13 @@ def test_evaluate_reports_bpb_on_the_same_bytes_as_compressors(project):
     n = v["tokens"]
     text = tok.decode(val[1:n + 1].astype(int).tolist(), skip_special_tokens=True)
     assert len(text.encode()) == v["bytes"]  # the generated corpus is ASCII: no split characters
+
+
+def test_incomplete_meta_json_is_a_one_line_error(project):
+    meta = project / "data/prepared/meta.json"
+    meta.write_text(json.dumps({"vocab_size": 384}))
+    proc = run_stage("pretrain", project, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: {Path('data/prepared/meta.json')}: needs vocab_size, dtype and "
+                                   "splits.{train,val}.n_tokens; rerun the prepare stage")
+    assert not (project / "models").exists()

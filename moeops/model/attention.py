@@ -25,10 +25,10 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rope_angles(head_dim: int, seq_len: int, theta: float, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [S, head_dim/2] for positions offset..offset+S-1."""
+def rope_angles(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [S, head_dim/2] for positions 0..S-1."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.arange(offset, offset + seq_len, dtype=torch.float32)[:, None] * inv_freq
+    angles = torch.arange(seq_len, dtype=torch.float32)[:, None] * inv_freq
     return angles.cos(), angles.sin()
 
 

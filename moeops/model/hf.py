@@ -45,3 +45,13 @@ def hf_config_dict(args: ModelArgs) -> dict:
         eos_token_id=0,
         pad_token_id=None,
     )
+
+
+def hf_model(args: ModelArgs, arch: str = "DeepseekV3", **extra):
+    """An untrained transformers `<arch>ForCausalLM` with our config (the parity tests and the
+    benchmark peer load our state dict into it)."""
+    import transformers
+
+    fields = {k: v for k, v in hf_config_dict(args).items() if k not in ("model_type", "architectures")}
+    config = getattr(transformers, f"{arch}Config")(**fields, **extra)
+    return getattr(transformers, f"{arch}ForCausalLM")(config)

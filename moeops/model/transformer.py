@@ -75,7 +75,7 @@ def init_weights(model: Transformer, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):  # RMSNorm gains (incl. q_a/kv_a_layernorm)
                 p.fill_(1.0)
             else:
                 scale = 1 / math.sqrt(2 * model.args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight",

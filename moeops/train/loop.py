@@ -112,12 +112,12 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
              live_dir: Path | None = None, loss_hook=None) -> TrainResult:
     """Train (or resume) to p.steps, logging to dvclive in `live_dir` (None: no logging).
     `loss_hook(step, loss)` lets tests inject faults."""
+    if len(train_tokens) < p.seq_len + 2:
+        raise UserError(f"train split has {len(train_tokens)} tokens, fewer than pretrain.seq_len+2={p.seq_len + 2}")
     threads = setup_determinism(p.seed, p.threads)
     args = p.model_args(vocab_size)
     model = build_model(args, seed=p.seed).train()
     optimizer = make_optimizer(model, p)
-    if len(train_tokens) < p.seq_len + 2:
-        raise UserError(f"train split has {len(train_tokens)} tokens, fewer than pretrain.seq_len+2={p.seq_len + 2}")
     rid = run_id(p, data_meta, threads)
     state = resume(ckpt_dir, rid, model, optimizer)
     start = state.get("step", 0)
@@ -134,8 +134,8 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
     tokens_per_step = p.batch_size * p.seq_len * p.grad_accum
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.bf16)
     bar = tqdm(total=p.steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
-    t_start = time.perf_counter()
-    t_log, steps_since_log = time.perf_counter(), 0
+    t_start = t_log = time.perf_counter()
+    steps_since_log = 0
     try:
         for step in range(start, p.steps):
             lr = lr_at(step, p.steps, p.lr, p.min_lr, p.warmup_steps)
