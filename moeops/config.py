@@ -189,6 +189,19 @@ class PretrainParams(Section):
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
+    # Distribution (moeops/train/parallel.py): world_size processes = pp_size pipeline stages x
+    # (world_size / pp_size) data-parallel ranks, the routed experts sharded over groups of ep_size
+    # of those data-parallel ranks. Gloo on CPU, NCCL on GPU.
+    world_size: int = Field(1, ge=1)
+    ep_size: int = Field(1, ge=1)
+    pp_size: int = Field(1, ge=1)
+    zero_stage: int = Field(0, ge=0, le=3)
+    activation_checkpointing: Literal["off", "on", "auto"] = "off"
+    memory_limit_gb: float = Field(16.0, gt=0)  # "auto" turns checkpointing on above this step peak RSS
+    grad_compression: Literal["none", "fp16", "bf16", "int8"] = "none"  # data-parallel gradient traffic
+    compression_block: int = Field(256, ge=8)  # int8: elements per scale
+    max_restarts: int = Field(0, ge=0)  # relaunches after a crash, each resuming from the last checkpoint
+    hostfile: str = ""  # DeepSpeed hostfile ("host slots=N" lines) for several nodes; "" = this machine
 
     @field_validator("flavor")
     @classmethod
@@ -208,12 +221,41 @@ class PretrainParams(Section):
             raise ValueError(f"min_lr: {self.min_lr} > lr {self.lr}")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps: {self.warmup_steps} > steps {self.steps}")
+        check_layout(self, args)
         return self
 
     def model_args(self, vocab_size: int) -> ModelArgs:
         """The trained model's architecture: the vocabulary is the tokenizer's, and the context is the
         training seq_len (evaluation never scores positions the model was not trained on)."""
         return make_model_args(self.flavor, {**self.model, "vocab_size": vocab_size, "max_seq_len": self.seq_len})
+
+
+def check_layout(p: PretrainParams, args: ModelArgs) -> None:
+    """Refuse a process layout that cannot work, before any process starts."""
+    if p.world_size % p.pp_size:
+        raise ValueError(f"world_size: {p.world_size} is not a multiple of pp_size={p.pp_size}")
+    dp = p.world_size // p.pp_size
+    if dp % p.ep_size:
+        raise ValueError(f"ep_size: {p.ep_size} does not divide the {dp} data-parallel ranks "
+                         f"(world_size / pp_size)")
+    if args.n_routed_experts % p.ep_size:
+        raise ValueError(f"ep_size: {p.ep_size} does not divide n_routed_experts={args.n_routed_experts}")
+    if p.pp_size > args.n_layers:
+        raise ValueError(f"pp_size: {p.pp_size} > n_layers={args.n_layers} (a stage needs a layer)")
+    if p.batch_size % dp:
+        raise ValueError(f"batch_size: {p.batch_size} is not a multiple of the {dp} data-parallel ranks")
+    if p.zero_stage == 3:
+        raise ValueError("zero_stage: 3 is not supported: DeepSpeed's ZeRO-3 does not partition MoE "
+                         "expert parameters; use 1 or 2")
+    if p.pp_size > 1 and p.zero_stage > 1:
+        raise ValueError(f"zero_stage: {p.zero_stage} with pp_size > 1; DeepSpeed's pipeline engine "
+                         "supports ZeRO stage 0 or 1")
+    if p.grad_compression == "int8" and (p.zero_stage > 0 or p.pp_size > 1):
+        raise ValueError("grad_compression: int8 is a gradient hook for plain data parallelism; "
+                         "it needs zero_stage 0 and pp_size 1 (use bf16/fp16 with ZeRO)")
+    if p.pp_size > 1 and (args.seq_aux_alpha > 0 or args.z_loss_alpha > 0):
+        raise ValueError("pp_size: the sequence aux loss and z-loss are not carried across pipeline "
+                         "stages; set model.seq_aux_alpha and model.z_loss_alpha to 0")
 
 
 class EvaluateParams(Section):

@@ -2,10 +2,14 @@
 
 Re-running after Ctrl-C or kill -9 resumes from the newest complete checkpoint in
 checkpoints/pretrain and ends with the same weights as an uninterrupted run.
+
+With world_size > 1 (or max_restarts, or a hostfile) the stage validates everything, then
+launches `python -m stages.pretrain --worker` processes (moeops/train/launch.py) and waits.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from moeops.cli import run_main
@@ -15,6 +19,7 @@ from moeops.lineage import lineage
 from moeops.model.io import save_model_dir
 from moeops.model.transformer import param_counts
 from moeops.train.data import load_meta, load_tokens
+from moeops.train.launch import launch, needs_launcher
 from moeops.train.loop import pretrain
 
 PREPARED = Path("data/prepared")
@@ -28,7 +33,15 @@ def main() -> None:
     p = load_section("pretrain")
     meta = load_meta(PREPARED)
     tokens = load_tokens(PREPARED, "train")
+    if "--worker" not in sys.argv and needs_launcher(p):
+        p.model_args(meta["vocab_size"])  # every check that can run before the processes start
+        code = launch(p, ["-m", "stages.pretrain", "--worker"])
+        if code:
+            raise SystemExit(code)
+        return
     result = pretrain(p, tokens, meta["vocab_size"], meta, CKPT, LIVE)
+    if result.model is None:  # not rank 0
+        return
     inputs = [PREPARED / n for n in ("train.bin", "tokenizer.json", "meta.json")]
     save_model_dir(OUT, result.model, PREPARED / "tokenizer.json", lineage(inputs, p.model_dump(), "pretrain"))
     counts = param_counts(result.model.args)
@@ -42,6 +55,9 @@ def main() -> None:
         "params_total": counts["total"],
         "params_active": counts["active"],
         "maxvio_final": [round(v, 4) for v in result.maxvio],
+        "world_size": p.world_size,
+        "grad_bytes_per_step": result.grad_bytes_per_step,
+        "activation_checkpointing": result.activation_checkpointing,
     })
     print(f"pretrain: {OUT} written; {counts['total']:,} params ({counts['active']:,} active), "
           f"{result.tokens_per_s:,.0f} tokens/s")

@@ -50,13 +50,18 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts stored as fused 3-D tensors (transformers' DeepseekV3Experts layout)."""
+    """Routed experts stored as fused 3-D tensors (transformers' DeepseekV3Experts layout).
+    `experts(x_MD, counts_E)` runs each expert on its slice of the expert-sorted rows; expert
+    parallelism (moeops/train/parallel.py) swaps this module for one with the same call."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         E, D, F_ = args.n_routed_experts, args.dim, args.moe_inter_dim
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return grouped_swiglu(x_MD, counts_E, self.gate_up_proj, self.down_proj)
 
 
 class MoE(nn.Module):
@@ -69,6 +74,7 @@ class MoE(nn.Module):
         self.shared_experts = MLP(args.dim, args.moe_inter_dim * n_shared) if n_shared else None
         self.aux_loss = torch.zeros(())
         self.dropped_tokens = 0  # token copies dropped by the capacity limit since the last reset
+        self.count_stats = True  # False while activation checkpointing recomputes a forward
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         a = self.args
@@ -80,12 +86,12 @@ class MoE(nn.Module):
             a.norm_topk_prob, a.routed_scaling_factor)
         capacity = math.ceil(a.capacity_factor * B * S * a.top_k / a.n_routed_experts) if a.capacity_factor else 0
         x_MD, counts_E, order_M, n_dropped = permute(x_TD, topk_ids_TK, a.n_routed_experts, capacity)
-        y_MD = grouped_swiglu(x_MD, counts_E, self.experts.gate_up_proj, self.experts.down_proj)
+        y_MD = self.experts(x_MD, counts_E)
         out_TD = unpermute(y_MD, order_M, topk_weights_TK.to(y_MD.dtype))
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
 
-        with torch.no_grad():
+        if self.count_stats:
             self.gate.tokens_per_expert += torch.bincount(topk_ids_TK.reshape(-1), minlength=a.n_routed_experts)
             self.dropped_tokens += n_dropped
         self.aux_loss = self.balance_losses(logits_TE, scores_TE, topk_ids_TK, B, S) if self.training else 0.0

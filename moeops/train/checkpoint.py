@@ -1,5 +1,6 @@
-"""Training checkpoints: safetensors weights (with the balancing bias), optimizer state,
-RNG states and the step, written to a temp directory and renamed into place. A directory
+"""Training checkpoints: unsharded safetensors weights (with the balancing bias) and AdamW
+moments by parameter name, so any process layout can resume any checkpoint; RNG state and
+the step, written to a temp directory and renamed into place. A directory
 named step_XXXXXXXX is complete by construction; anything else (a kill mid-write) is ignored
 and cleaned up on the next start. The last `keep` checkpoints are kept."""
 
@@ -20,7 +21,7 @@ from moeops.io import replace_dir
 PREFIX = "step_"
 
 
-FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
+FILES = ("model.safetensors", "optimizer.safetensors", "rng.pt", "state.json")
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -44,12 +45,13 @@ def clean_partial(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor],
                     state: dict, keep: int) -> Path:
+    """`weights` and `moments` as from moeops.train.parallel.full_state."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in moments.items()}, tmp / "optimizer.safetensors")
     # Batches come from (seed, step) and the model has no dropout; the torch RNG state is saved
     # so that anything stochastic added later resumes exactly too.
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
@@ -61,12 +63,14 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, load) -> dict:
+    """Read the checkpoint and call `load(weights, moments, state)`; any failure (a corrupt file,
+    missing or misshapen tensors) is one line naming the checkpoint. Returns the state."""
     try:
-        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        state = read_state(path)
+        load(load_file(path / "model.safetensors"), load_file(path / "optimizer.safetensors"), state)
         torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
     except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise UserError(f"{path}: corrupt checkpoint ({str(e).splitlines()[0]}); delete it to resume "
                         "from the one before") from None
-    return read_state(path)
+    return state

@@ -1,9 +1,10 @@
-"""Single-process pretraining: AdamW, warmup + cosine, clipping, optional bf16 autocast,
-aux-loss-free bias updates, dvclive logging, atomic checkpoints and exact resume.
+"""Pretraining on DeepSpeed, in one process or many (moeops/train/parallel.py): AdamW, warmup +
+cosine, clipping, optional bf16 autocast, aux-loss-free bias updates from the global expert
+loads, compressed gradients, dvclive logging, atomic layout-independent checkpoints and resume.
 
-The same params on the same machine (and thread count) give bitwise-identical weights,
-with or without interruptions: batches are a function of (seed, step), the LR a function
-of step, and every piece of mutable state is in the checkpoint.
+The same params on the same machine give bitwise-identical weights, with or without
+interruptions: the global batch is a function of (seed, step) that each data-parallel rank
+slices, the LR a function of step, and every piece of mutable state is in the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,16 +18,41 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import deepspeed
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.utils import groups
 from tqdm import tqdm
 
 from moeops.cli import UserError
 from moeops.config import PretrainParams
-from moeops.model.transformer import Transformer, build_model, expert_loads, max_violation, update_router_bias
+from moeops.model.transformer import (
+    Transformer,
+    build_model,
+    expert_loads,
+    max_violation,
+    reset_expert_stats,
+    update_router_bias,
+)
 from moeops.train.checkpoint import clean_partial, list_checkpoints, load_checkpoint, read_state, save_checkpoint
+from moeops.train.compress import Int8GradAllReduce, ring_allreduce_bytes
 from moeops.train.data import get_batch
+from moeops.train.parallel import (
+    Layout,
+    allreduce_expert_loads,
+    checkpoint_blocks,
+    clip_grad_norm_,
+    ds_config,
+    full_state,
+    init_distributed,
+    is_expert_param,
+    load_full_moments,
+    optimizer_groups,
+    parallelize,
+    step_peak_rss_gb,
+)
 
 
 class TrainingDiverged(UserError):
@@ -41,25 +67,30 @@ def lr_at(step: int, steps: int, lr: float, min_lr: float, warmup_steps: int) ->
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: torch.nn.Module, p: PretrainParams) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, p: PretrainParams, layout: Layout | None = None) -> torch.optim.AdamW:
     """Weight decay on matrices and expert tensors only; norms get none (the balancing bias
     is a buffer, never seen by the optimizer)."""
     decay = [t for t in model.parameters() if t.dim() >= 2]
     no_decay = [t for t in model.parameters() if t.dim() < 2]
     groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if layout is not None:
+        groups = optimizer_groups(groups, layout)
     return torch.optim.AdamW(groups, lr=p.lr, betas=(p.beta1, p.beta2), fused=True)
 
 
 def setup_determinism(seed: int, threads: int) -> int:
-    threads = threads or os.cpu_count() or 1
+    """0 threads = this machine's cores shared by the processes the launcher started here."""
+    threads = threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     return threads
 
 
-# Keys that change how a run is logged or checkpointed, not the weights it produces.
-NOT_WEIGHT_KEYS = {"log_every", "checkpoint_every", "keep_checkpoints", "threads"}
+# Keys that change how a run is logged, checkpointed or laid out over processes, not the model it
+# trains: a checkpoint resumes under any of their values (checkpoints are layout-independent).
+NOT_WEIGHT_KEYS = {"log_every", "checkpoint_every", "keep_checkpoints", "threads", "world_size", "ep_size", "pp_size",
+                   "zero_stage", "activation_checkpointing", "memory_limit_gb", "max_restarts", "hostfile"}
 CODE = [Path(__file__).resolve().parents[2] / d for d in ("kernels", "moeops/model", "moeops/train",
                                                            "moeops/config.py")]
 
@@ -72,60 +103,115 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def run_id(p: PretrainParams, data_meta: dict, threads: int) -> str:
-    """Checkpoints are only resumed by a run with the same weight-affecting params, data, code and
-    thread count (CPU reductions split by thread: another count gives other bits)."""
+def run_id(p: PretrainParams, data_meta: dict) -> str:
+    """Checkpoints are only resumed by a run with the same weight-affecting params, data and code."""
     params = {k: v for k, v in p.model_dump().items() if k not in NOT_WEIGHT_KEYS}
-    blob = json.dumps({"params": params, "data": data_meta, "threads": threads, "code": code_fingerprint()},
-                      sort_keys=True)
+    blob = json.dumps({"params": params, "data": data_meta, "code": code_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def resume(ckpt_dir: Path, rid: str, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
-    """Load the newest checkpoint of this run; delete those of other runs (other params, data or
-    code), so that rotation never mixes runs. Returns the checkpoint's state ({} = fresh start)."""
-    clean_partial(ckpt_dir)
-    for ckpt in list_checkpoints(ckpt_dir):
-        if read_state(ckpt).get("run_id") != rid:
-            print(f"pretrain: discarding {ckpt} (other params, data or code)")
-            shutil.rmtree(ckpt)
+def find_resume(ckpt_dir: Path, rid: str, layout: Layout) -> Path | None:
+    """The newest checkpoint of this run. Rank 0 first deletes those of other runs (other params,
+    data or code) and half-written ones, so that rotation never mixes runs."""
+    if layout.rank == 0:
+        clean_partial(ckpt_dir)
+        for ckpt in list_checkpoints(ckpt_dir):
+            if read_state(ckpt).get("run_id") != rid:
+                print(f"pretrain: discarding {ckpt} (other params, data or code)")
+                shutil.rmtree(ckpt)
+    dist.barrier()
     ckpts = list_checkpoints(ckpt_dir)
-    if not ckpts:
-        return {}
-    state = load_checkpoint(ckpts[-1], model, optimizer)
-    print(f"pretrain: resumed from {ckpts[-1]} (step {state['step']})")
-    return state
+    return ckpts[-1] if ckpts else None
 
 
 @dataclass
 class TrainResult:
-    model: Transformer
+    model: Transformer | None  # the unsharded model on rank 0, None elsewhere
     steps_run: int
     resumed_from: int
     tokens_per_s: float
     final_loss: float
     seconds: float
     maxvio: list[float] = field(default_factory=list)
+    grad_bytes_per_step: int = 0  # data-parallel gradient bytes this rank sends per step
+    activation_checkpointing: bool = False
+    step_peak_rss_gb: float = 0.0  # measured when activation_checkpointing is "auto"
+
+
+def _global_mean(value: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The mean over data-parallel ranks: the loss of the whole global batch."""
+    if layout.dp_size > 1:
+        value = value.clone()
+        dist.all_reduce(value, group=groups._get_data_parallel_group())
+        value /= layout.dp_size
+    return value
+
+
+def _choose_checkpointing(p: PretrainParams, model: Transformer, batch, layout: Layout) -> tuple[bool, float]:
+    """"auto": one forward+backward without checkpointing; on if its peak RSS (the largest over the
+    ranks) exceeds memory_limit_gb."""
+    if p.activation_checkpointing != "auto":
+        return p.activation_checkpointing == "on", 0.0
+    x_BS, y_BS = batch
+
+    def step():
+        F.cross_entropy(model(x_BS).flatten(0, 1), y_BS.flatten()).backward()
+
+    peak = torch.tensor(step_peak_rss_gb(step))
+    model.zero_grad(set_to_none=True)
+    reset_expert_stats(model)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak) > p.memory_limit_gb, float(peak)
 
 
 def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_meta: dict, ckpt_dir: Path,
              live_dir: Path | None = None, loss_hook=None) -> TrainResult:
-    """Train (or resume) to p.steps, logging to dvclive in `live_dir` (None: no logging).
-    `loss_hook(step, loss)` lets tests inject faults."""
+    """Train (or resume) to p.steps on this process's share of the layout in `p`, logging to dvclive
+    in `live_dir` from rank 0 (None: no logging). `loss_hook(step, loss)` lets tests inject faults."""
     if len(train_tokens) < p.seq_len + 2:
         raise UserError(f"train split has {len(train_tokens)} tokens, fewer than pretrain.seq_len+2={p.seq_len + 2}")
+    layout = init_distributed(p)
+    rank0 = layout.rank == 0
     threads = setup_determinism(p.seed, p.threads)
     args = p.model_args(vocab_size)
     model = build_model(args, seed=p.seed).train()
-    optimizer = make_optimizer(model, p)
-    rid = run_id(p, data_meta, threads)
-    state = resume(ckpt_dir, rid, model, optimizer)
+    rid = run_id(p, data_meta)
+    ckpt = find_resume(ckpt_dir, rid, layout)
+    state, moments = {}, {}
+    if ckpt is not None:
+        def load(weights, moments_, state_):
+            model.load_state_dict(weights, strict=True)
+            moments.update(moments_)
+        state = load_checkpoint(ckpt, load)
+        if rank0:
+            print(f"pretrain: resumed from {ckpt} (step {state['step']})")
     start = state.get("step", 0)
+    micro = p.batch_size // layout.dp_size
+    rows = slice(layout.dp_rank * micro, (layout.dp_rank + 1) * micro)
+
+    def batch(step: int, m: int):  # this rank's rows of the global batch (the same for any layout)
+        x_BS, y_BS = get_batch(train_tokens, p.seed, step, m, p.batch_size, p.seq_len)
+        return x_BS[rows], y_BS[rows]
+
+    parallelize(model, layout, activation_checkpointing=False)
+    use_ckpt, peak_gb = _choose_checkpointing(p, model, batch(start, 0), layout)
+    if use_ckpt:
+        checkpoint_blocks(model)
+    zero = p.zero_stage > 0
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, p, layout),
+                                      config=ds_config(p, layout))
+    load_full_moments(model, engine.optimizer, moments, start, layout, zero)
+    compress = None
+    if p.grad_compression == "int8" and layout.dp_size > 1:
+        engine.enable_backward_allreduce = False  # moeops reduces the gradients itself
+        compress = int8_reducers(model, layout, p.compression_block)
+    grad_bytes = grad_bytes_per_step(model, layout, p.grad_compression)
+
     # Running totals live in the checkpoint so that a resumed run reports the whole run.
     seconds_before, losses = state.get("train_seconds", 0.0), state.get("recent_losses", [])
     maxvio = state.get("maxvio", [])
     live = None
-    if live_dir is not None:
+    if live_dir is not None and rank0:
         from dvclive import Live
 
         # dvcyaml=None: dvc.yaml declares the plots itself; a stage must not rewrite it.
@@ -133,36 +219,48 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
 
     tokens_per_step = p.batch_size * p.seq_len * p.grad_accum
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.bf16)
-    bar = tqdm(total=p.steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=p.steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not rank0)
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
     try:
         for step in range(start, p.steps):
             lr = lr_at(step, p.steps, p.lr, p.min_lr, p.warmup_steps)
-            for group in optimizer.param_groups:
+            for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             step_loss, step_aux = 0.0, 0.0
-            for micro in range(p.grad_accum):
-                x_BS, y_BS = get_batch(train_tokens, p.seed, step, micro, p.batch_size, p.seq_len)
+            for m in range(p.grad_accum):
+                x_BS, y_BS = batch(step, m)
                 with autocast:
-                    logits_BSV = model(x_BS)
+                    logits_BSV = engine(x_BS)
                 ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.flatten())
                 aux = model.aux_loss()
                 loss = ce + aux
                 if loss_hook is not None:
                     loss = loss_hook(step, loss)
-                if not torch.isfinite(loss.detach()):
-                    raise TrainingDiverged(f"pretrain: loss is {loss.item()} at step {step}; stopped "
+                # One all-reduce for the global batch's loss, cross-entropy and balance loss.
+                global_loss, global_ce, global_aux = _global_mean(
+                    torch.stack([loss.detach(), ce.detach(), torch.as_tensor(aux).detach().float()]), layout).tolist()
+                if not math.isfinite(global_loss):
+                    raise TrainingDiverged(f"pretrain: loss is {global_loss} at step {step}; stopped "
                                            f"({last_good(ckpt_dir)})")
-                (loss / p.grad_accum).backward()
-                step_loss += ce.item() / p.grad_accum
-                step_aux += float(aux.detach() if torch.is_tensor(aux) else aux) / p.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip or float("inf"))
-            if not torch.isfinite(grad_norm):  # never let a NaN/inf gradient reach the weights
-                raise TrainingDiverged(f"pretrain: gradient norm is {grad_norm.item()} at step {step}; stopped "
-                                       f"({last_good(ckpt_dir)})")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                engine.backward(loss)
+                if m == p.grad_accum - 1:  # the gradients are reduced: clip (and stop on NaN) before the step
+                    for reduce in compress or []:
+                        reduce()
+                    if not zero:
+                        grad_norm = float(clip_grad_norm_(model, p.grad_clip, layout))
+                        if not math.isfinite(grad_norm):  # never let a NaN/inf gradient reach the weights
+                            raise TrainingDiverged(f"pretrain: gradient norm is {grad_norm} at step {step}; "
+                                                   f"stopped ({last_good(ckpt_dir)})")
+                engine.step()
+                step_loss += global_ce / p.grad_accum
+                step_aux += global_aux / p.grad_accum
+            if zero:  # ZeRO clips inside its step, so a NaN gradient is caught one step late
+                grad_norm = float(engine.get_global_grad_norm())
+                if not math.isfinite(grad_norm):
+                    raise TrainingDiverged(f"pretrain: gradient norm is {grad_norm} at step {step}; stopped "
+                                           f"({last_good(ckpt_dir)})")
+            allreduce_expert_loads(model, layout)
             maxvio = [max_violation(load) for load in expert_loads(model)]
             update_router_bias(model, p.bias_update_speed)
             losses.append(step_loss)
@@ -178,17 +276,21 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
                     live.step = done
                     live.log_metric("train/loss", step_loss)
                     live.log_metric("train/lr", lr)
-                    live.log_metric("train/grad_norm", float(grad_norm))
+                    live.log_metric("train/grad_norm", grad_norm)
                     live.log_metric("train/tokens_per_s", tok_s)
                     live.log_metric("train/balance_loss", step_aux)
                     for i, v in enumerate(maxvio):
                         live.log_metric(f"expert_load/maxvio_layer{i + args.first_k_dense_replace}", v)
             if done % p.checkpoint_every == 0 or done == p.steps:
-                save_checkpoint(ckpt_dir, done, model, optimizer,
-                                {"run_id": rid, "threads": threads, "tokens_seen": done * tokens_per_step,
-                                 "train_seconds": seconds_before + time.perf_counter() - t_start,
-                                 "recent_losses": losses[-10:], "maxvio": maxvio},
-                                p.keep_checkpoints)
+                weights, moments = full_state(model, engine.optimizer, layout, zero)
+                if rank0:
+                    save_checkpoint(ckpt_dir, done, weights, moments,
+                                    {"run_id": rid, "threads": threads, "world_size": layout.world_size,
+                                     "tokens_seen": done * tokens_per_step,
+                                     "train_seconds": seconds_before + time.perf_counter() - t_start,
+                                     "recent_losses": losses[-10:], "maxvio": maxvio},
+                                    p.keep_checkpoints)
+                dist.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
             bar.update(1)
     finally:  # also on divergence or Ctrl-C: flush the logs, close the bar
         bar.close()
@@ -197,12 +299,43 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
     seconds = seconds_before + time.perf_counter() - t_start
     if state.get("step") == p.steps:  # the run had finished: report what the checkpoint recorded
         seconds = state.get("train_seconds", seconds)
+    if compress and p.steps > start:
+        grad_bytes = sum(r.bytes_sent for r in compress) // (p.steps - start)
+    weights, _ = full_state(model, engine.optimizer, layout, zero)
+    final = None
+    if rank0:
+        final = build_model(args, seed=p.seed)
+        final.load_state_dict(weights, strict=True)
+        final.eval()
     return TrainResult(
-        model=model.eval(), steps_run=p.steps - start, resumed_from=start,
+        model=final, steps_run=p.steps - start, resumed_from=start,
         tokens_per_s=p.steps * tokens_per_step / seconds if seconds else 0.0,
-        final_loss=float(np.mean(losses[-10:])), seconds=seconds, maxvio=maxvio)
+        final_loss=float(np.mean(losses[-10:])), seconds=seconds, maxvio=maxvio,
+        grad_bytes_per_step=grad_bytes, activation_checkpointing=use_ckpt, step_peak_rss_gb=peak_gb)
 
 
 def last_good(ckpt_dir: Path) -> str:
     good = list_checkpoints(ckpt_dir)
     return f"last good checkpoint: {good[-1]}" if good else "no checkpoint written yet"
+
+
+def int8_reducers(model: torch.nn.Module, layout: Layout, block: int) -> list[Int8GradAllReduce]:
+    """Dense gradients over all data-parallel ranks, expert gradients over the ranks holding the same
+    experts; both divided by the data-parallel size, as DeepSpeed does."""
+    dense = [t for t in model.parameters() if not is_expert_param(t)]
+    expert = [t for t in model.parameters() if is_expert_param(t)]
+    reducers = [Int8GradAllReduce(dense, groups._get_data_parallel_group(), block, layout.dp_size)]
+    if expert:
+        edp = groups._get_expert_data_parallel_group(f"ep_size_{layout.ep_size}")
+        reducers.append(Int8GradAllReduce(expert, edp, block, layout.dp_size))
+    return reducers
+
+
+def grad_bytes_per_step(model: torch.nn.Module, layout: Layout, compression: str) -> int:
+    """Bytes of gradient traffic this rank sends per step under a ring all-reduce (int8: counted by
+    Int8GradAllReduce instead, see TrainResult)."""
+    itemsize = {"fp16": 2, "bf16": 2}.get(compression, 4)
+    dense = sum(t.numel() for t in model.parameters() if not is_expert_param(t))
+    expert = sum(t.numel() for t in model.parameters() if is_expert_param(t))
+    return (ring_allreduce_bytes(dense, itemsize, layout.dp_size)
+            + ring_allreduce_bytes(expert, itemsize, layout.dp_size // layout.ep_size))

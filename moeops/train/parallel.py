@@ -1,0 +1,341 @@
+"""Distribution applied to a built model (the model files know nothing of it): DeepSpeed's engine
+for data parallelism and ZeRO, expert parallelism for the routed experts, activation
+checkpointing, and the layout-independent (full, unsharded) view of weights and optimizer
+state that checkpoints are written in.
+
+Layout: world_size processes = pp_size pipeline stages x dp data-parallel ranks (dp =
+world_size / pp_size). Every data-parallel rank reads its own slice of the global batch. The
+routed experts are sharded over groups of ep_size consecutive data-parallel ranks (DeepSpeed's
+expert-parallel groups); the ranks holding the same experts form the expert-data-parallel group
+that averages their gradients.
+
+Legend: M expert-sorted rows, D model dim, E routed experts, L = E / ep local experts,
+R ranks in the expert-parallel group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.utils import groups, safe_get_full_optimizer_state, safe_set_full_optimizer_state
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kernels.grouped_mlp import grouped_swiglu
+from moeops.config import PretrainParams
+from moeops.model.moe import MoE
+from moeops.model.transformer import Transformer
+
+ADAM_STATE = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    rank: int
+    pp_size: int
+    ep_size: int
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.pp_size
+
+    @property
+    def dp_rank(self) -> int:  # DeepSpeed's pipe-major grid: rank = stage * dp + dp_rank
+        return self.rank % self.dp_size
+
+    @property
+    def ep_rank(self) -> int:  # DeepSpeed's expert-parallel groups are consecutive dp ranks
+        return self.dp_rank % self.ep_size
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(p: PretrainParams) -> Layout:
+    """Join the job started by the launcher (RANK, WORLD_SIZE, MASTER_ADDR, ... in the
+    environment), or form a one-process group when run directly. Gloo on CPU, NCCL on GPU."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+    world = dist.get_world_size()
+    if world != p.world_size:
+        raise RuntimeError(f"launched with {world} processes, pretrain.world_size is {p.world_size}")
+    return Layout(world, dist.get_rank(), p.pp_size, p.ep_size)
+
+
+# ---------------------------------------------------------------- expert parallelism
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; the backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x_MD, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (in_splits, out_splits), group
+        out = x_MD.new_empty(sum(out_splits), *x_MD.shape[1:])
+        dist.all_to_all_single(out, x_MD.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        back_out, back_in = ctx.splits
+        grad_in = grad_out.new_empty(sum(back_out), *grad_out.shape[1:])
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), back_out, back_in, group=ctx.group)
+        return grad_in, None, None, None
+
+
+class ExpertParallel(DeepSpeedMoE):
+    """This rank's L = E / ep_size routed experts, called like `Experts` with all E experts'
+    expert-sorted rows: rows travel to the rank owning their expert by all-to-all (counts first,
+    so nothing is dropped), run through the local experts, and come back in the same order.
+
+    A DeepSpeed MoE layer to the engine (hence the base class; its gate and dispatch are not
+    used): the engine creates the expert-parallel groups, reduces these parameters' gradients
+    over the expert-data-parallel group only, and ZeRO partitions them in their own group."""
+
+    def __init__(self, gate_up_EXD: torch.Tensor, down_EDF: torch.Tensor, ep_size: int, ep_rank: int):
+        nn.Module.__init__(self)  # not DeepSpeedMoE.__init__: that builds DeepSpeed's own gate
+        E = gate_up_EXD.shape[0]
+        L = E // ep_size
+        self.num_experts, self.ep_size, self.ep_rank, self.num_local_experts = E, ep_size, ep_rank, L
+        self.expert_group_name = f"ep_size_{ep_size}"
+        local = slice(ep_rank * L, (ep_rank + 1) * L)
+        self.gate_up_proj = nn.Parameter(gate_up_EXD.detach()[local].clone())
+        self.down_proj = nn.Parameter(down_EDF.detach()[local].clone())
+        for param in (self.gate_up_proj, self.down_proj):
+            param.allreduce, param.group_name = False, self.expert_group_name  # DeepSpeed's MoE markers
+        self.group = None
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(self.ep_size,
+                                                    use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        self.group = groups._get_expert_parallel_group(self.expert_group_name)
+        if dist.get_rank(group=self.group) != self.ep_rank:
+            raise RuntimeError(f"expert-parallel rank {dist.get_rank(group=self.group)} != {self.ep_rank}")
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        R, L = self.ep_size, self.num_local_experts
+        send_RL = counts_E.view(R, L)  # rows for each rank's local experts
+        recv_RL = torch.empty_like(send_RL)  # rows each rank sends to my experts
+        dist.all_to_all_single(recv_RL, send_RL.contiguous(), group=self.group)
+        send, recv = send_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
+        x_recv = _AllToAll.apply(x_MD, recv, send, self.group)  # grouped by source rank, then expert
+        # Source-major (rank, expert) blocks -> expert-major, so each expert reads one slice.
+        blocks = recv_RL.flatten().tolist()
+        order = [r * L + e for e in range(L) for r in range(R)]
+        pieces = torch.split(x_recv, blocks)
+        y_sorted = grouped_swiglu(torch.cat([pieces[i] for i in order]), recv_RL.sum(0), self.gate_up_proj,
+                                  self.down_proj)
+        y_pieces = torch.split(y_sorted, [blocks[i] for i in order])
+        back = [None] * len(order)
+        for j, i in enumerate(order):
+            back[i] = y_pieces[j]
+        return _AllToAll.apply(torch.cat(back), send, recv, self.group)
+
+
+def is_expert_param(param: torch.Tensor) -> bool:
+    return getattr(param, "allreduce", True) is False
+
+
+# ---------------------------------------------------------------- activation checkpointing
+
+
+@contextlib.contextmanager
+def _recomputing(block: nn.Module):
+    """Routing statistics count each forward once: not again when the backward recomputes it."""
+    moe = block.mlp if isinstance(block.mlp, MoE) else None
+    if moe is not None:
+        moe.count_stats = False
+    try:
+        yield
+    finally:
+        if moe is not None:
+            moe.count_stats = True
+
+
+def _checkpointed_forward(block: nn.Module, forward, *args):
+    if not torch.is_grad_enabled():
+        return forward(*args)
+    return checkpoint(forward, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _recomputing(block)))
+
+
+def checkpoint_blocks(model: Transformer) -> None:
+    """Keep only each block's input during the forward and recompute the block in the backward
+    (parameter names unchanged)."""
+    for block in model.model.layers:
+        block.forward = functools.partial(_checkpointed_forward, block, block.forward)
+
+
+def step_peak_rss_gb(run_step) -> float:
+    """Peak resident memory (GB) while `run_step()` runs: resets the kernel's high-water mark
+    (/proc/self/clear_refs), runs it, reads VmHWM."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    run_step()
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def parallelize(model: Transformer, layout: Layout, activation_checkpointing: bool) -> Transformer:
+    """Shard the routed experts over the expert-parallel group and wrap the blocks for activation
+    checkpointing, in place. Call before `deepspeed.initialize`."""
+    if layout.ep_size > 1:
+        for moe in model.moe_layers():
+            moe.experts = ExpertParallel(moe.experts.gate_up_proj, moe.experts.down_proj, layout.ep_size,
+                                         layout.ep_rank)
+    if activation_checkpointing:
+        checkpoint_blocks(model)
+    return model
+
+
+def ds_config(p: PretrainParams, layout: Layout) -> dict:
+    micro = p.batch_size // layout.dp_size
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": p.grad_accum,
+        "train_batch_size": micro * p.grad_accum * layout.dp_size,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # Without ZeRO, moeops clips with the exact global norm (clip_grad_norm_ below): DeepSpeed's
+        # fp32 clipping averages per-rank norms when experts are sharded.
+        "gradient_clipping": p.grad_clip if p.zero_stage > 0 else 0.0,
+        "zero_optimization": {"stage": p.zero_stage},
+    }
+    if p.grad_compression in ("fp16", "bf16"):
+        config["communication_data_type"] = p.grad_compression
+    return config
+
+
+def optimizer_groups(groups_: list[dict], layout: Layout) -> list[dict]:
+    """Expert parameters in their own groups (DeepSpeed's MoE param groups) so ZeRO partitions
+    them over the expert-data-parallel group."""
+    if layout.ep_size == 1:
+        return groups_
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return split_params_into_different_moe_groups_for_optimizer(groups_)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, layout: Layout) -> torch.Tensor:
+    """Exact global gradient norm after the data-parallel reduction (dense gradients are equal
+    on every rank; expert gradients differ across the expert-parallel group), then clip."""
+    dense, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    params = [t for t in model.parameters() if t.grad is not None]
+    for t in params:
+        sq = t.grad.double().pow(2).sum()
+        if is_expert_param(t):
+            expert += sq
+        else:
+            dense += sq
+    if layout.ep_size > 1:
+        dist.all_reduce(expert, group=groups._get_expert_parallel_group(f"ep_size_{layout.ep_size}"))
+    norm = (dense + expert).sqrt().float()
+    if max_norm > 0 and torch.isfinite(norm):
+        coef = min(1.0, max_norm / (float(norm) + 1e-6))
+        for t in params:
+            t.grad.mul_(coef)
+    return norm
+
+
+@torch.no_grad()
+def allreduce_expert_loads(model: Transformer, layout: Layout) -> None:
+    """Sum every router's token counts over the data-parallel ranks, so that each rank sees the
+    global load and makes the same balancing-bias update."""
+    if layout.dp_size == 1:
+        return
+    loads = [m.gate.tokens_per_expert for m in model.moe_layers()]
+    if loads:
+        flat = torch.cat(loads)
+        dist.all_reduce(flat, group=groups._get_data_parallel_group())
+        for load, new in zip(loads, flat.split([len(x) for x in loads]), strict=True):
+            load.copy_(new)
+
+
+# ---------------------------------------------------------------- full (layout-independent) state
+
+
+def _gather_experts(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    group = groups._get_expert_parallel_group(f"ep_size_{layout.ep_size}")
+    parts = [torch.empty_like(t) for _ in range(layout.ep_size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _local_experts(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    L = t.shape[0] // layout.ep_size
+    return t[layout.ep_rank * L:(layout.ep_rank + 1) * L]
+
+
+def full_state(model: nn.Module, optimizer, layout: Layout, zero: bool) -> tuple[dict, dict]:
+    """Unsharded weights (with the balancing-bias buffers) and AdamW moments by parameter name,
+    the same whatever the layout. Collective: every rank calls it."""
+    weights, moments = {}, {}
+    params = dict(model.named_parameters())
+    for name, t in model.state_dict().items():
+        weights[name] = t.detach().clone()
+        if name in params and is_expert_param(params[name]):
+            weights[name] = _gather_experts(weights[name], layout)
+    for name, param in params.items():
+        for key in ADAM_STATE:
+            if zero:
+                value = safe_get_full_optimizer_state(param, key)
+            else:
+                value = optimizer.state.get(param, {}).get(key)
+            if value is None:  # before the first step
+                continue
+            moments[f"{name}.{key}"] = _gather_experts(value, layout) if is_expert_param(param) else value.clone()
+    return weights, moments
+
+
+def load_full_state(model: nn.Module, weights: dict, layout: Layout) -> None:
+    """Load unsharded weights into a (possibly expert-sharded) model."""
+    params = dict(model.named_parameters())
+    local = {k: _local_experts(v, layout) if k in params and is_expert_param(params[k]) else v
+             for k, v in weights.items()}
+    model.load_state_dict(local, strict=True)
+
+
+def load_full_moments(model: nn.Module, optimizer, moments: dict, step: int, layout: Layout, zero: bool) -> None:
+    """Set the AdamW moments (and step count) from unsharded tensors, after `deepspeed.initialize`."""
+    if not moments:
+        return
+    base = optimizer.optimizer if zero else optimizer
+    for group in base.param_groups:  # ZeRO creates Adam's state lazily, at the first step
+        for flat in group["params"]:
+            state = base.state[flat]
+            state["step"] = torch.tensor(float(step))
+            for key in ADAM_STATE:
+                state.setdefault(key, torch.zeros_like(flat))
+    for name, param in model.named_parameters():
+        for key in ADAM_STATE:
+            value = moments[f"{name}.{key}"]
+            value = _local_experts(value, layout) if is_expert_param(param) else value
+            if zero:
+                safe_set_full_optimizer_state(param, value, key)
+            else:
+                base.state[param][key].copy_(value)
