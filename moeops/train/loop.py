@@ -72,7 +72,8 @@ def make_optimizer(model: torch.nn.Module, p: PretrainParams, layout: Layout | N
     is a buffer, never seen by the optimizer)."""
     decay = [t for t in model.parameters() if t.dim() >= 2]
     no_decay = [t for t in model.parameters() if t.dim() < 2]
-    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "weight_decay": p.weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     if layout is not None:
         groups = optimizer_groups(groups, layout)
     return torch.optim.AdamW(groups, lr=p.lr, betas=(p.beta1, p.beta2), fused=True)

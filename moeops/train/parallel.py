@@ -291,11 +291,20 @@ def _local_experts(t: torch.Tensor, layout: Layout) -> torch.Tensor:
     return t[layout.ep_rank * L:(layout.ep_rank + 1) * L]
 
 
+def _link_zero_states(optimizer) -> None:
+    """Point each parameter's ZeRO fragment at its slice of the Adam state. DeepSpeed links them once,
+    after the first parameter group's step, when the other groups have no state yet; relink."""
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def full_state(model: nn.Module, optimizer, layout: Layout, zero: bool) -> tuple[dict, dict]:
     """Unsharded weights (with the balancing-bias buffers) and AdamW moments by parameter name,
     the same whatever the layout. Collective: every rank calls it."""
     weights, moments = {}, {}
     params = dict(model.named_parameters())
+    if zero:
+        _link_zero_states(optimizer)
     for name, t in model.state_dict().items():
         weights[name] = t.detach().clone()
         if name in params and is_expert_param(params[name]):
@@ -331,6 +340,8 @@ def load_full_moments(model: nn.Module, optimizer, moments: dict, step: int, lay
             state["step"] = torch.tensor(float(step))
             for key in ADAM_STATE:
                 state.setdefault(key, torch.zeros_like(flat))
+    if zero:
+        _link_zero_states(optimizer)
     for name, param in model.named_parameters():
         for key in ADAM_STATE:
             value = moments[f"{name}.{key}"]
