@@ -20,7 +20,7 @@ from moeops.model.io import save_model_dir
 from moeops.model.transformer import param_counts
 from moeops.train.data import load_meta, load_tokens
 from moeops.train.launch import launch, needs_launcher
-from moeops.train.loop import pretrain
+from moeops.train.loop import check_train_tokens, pretrain
 
 PREPARED = Path("data/prepared")
 OUT = Path("models/teacher")
@@ -34,7 +34,7 @@ def main() -> None:
     meta = load_meta(PREPARED)
     tokens = load_tokens(PREPARED, "train")
     if "--worker" not in sys.argv and needs_launcher(p):
-        p.model_args(meta["vocab_size"])  # every check that can run before the processes start
+        check_train_tokens(p, tokens)  # every check that can run before the processes start
         code = launch(p, ["-m", "stages.pretrain", "--worker"])
         if code:
             raise SystemExit(code)

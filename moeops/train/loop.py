@@ -165,12 +165,16 @@ def _choose_checkpointing(p: PretrainParams, model: Transformer, batch, layout: 
     return float(peak) > p.memory_limit_gb, float(peak)
 
 
+def check_train_tokens(p: PretrainParams, train_tokens: np.ndarray) -> None:
+    if len(train_tokens) < p.seq_len + 2:
+        raise UserError(f"train split has {len(train_tokens)} tokens, fewer than pretrain.seq_len+2={p.seq_len + 2}")
+
+
 def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_meta: dict, ckpt_dir: Path,
              live_dir: Path | None = None, loss_hook=None) -> TrainResult:
     """Train (or resume) to p.steps on this process's share of the layout in `p`, logging to dvclive
     in `live_dir` from rank 0 (None: no logging). `loss_hook(step, loss)` lets tests inject faults."""
-    if len(train_tokens) < p.seq_len + 2:
-        raise UserError(f"train split has {len(train_tokens)} tokens, fewer than pretrain.seq_len+2={p.seq_len + 2}")
+    check_train_tokens(p, train_tokens)
     layout = init_distributed(p)
     rank0 = layout.rank == 0
     threads = setup_determinism(p.seed, p.threads)

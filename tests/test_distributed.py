@@ -1,0 +1,171 @@
+"""Distributed pretraining through the real launcher (torchrun) and DeepSpeed on gloo: every layout
+trains the same model as one process, checkpoints resume under any layout, a killed rank takes
+the job down and `max_restarts` brings it back by itself, bad layouts are refused up front."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import run_stage, stage_env, write_params
+
+from moeops.model.io import load_model_dir
+from moeops.train.data import get_batch, load_tokens
+
+STEPS = {"steps": 20, "log_every": 1, "checkpoint_every": 10}
+LAYOUTS = {
+    "dp2": {"world_size": 2},
+    "dp2-zero2": {"world_size": 2, "zero_stage": 2},
+    "ep2": {"world_size": 2, "ep_size": 2},
+    "dp2xep2-zero1": {"world_size": 4, "ep_size": 2, "zero_stage": 1},
+}
+
+
+def losses(project: Path) -> list[float]:
+    with open(project / "dvclive/pretrain/plots/metrics/train/loss.tsv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f, delimiter="\t")]
+
+
+def val_loss(project: Path) -> float:
+    """The trained model, loaded into one process, on a fixed val batch."""
+    model = load_model_dir(project / "models/teacher").eval()
+    x_BS, y_BS = get_batch(load_tokens(project / "data/prepared", "val"), 1, 0, 0, 8, 64)
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(x_BS).flatten(0, 1), y_BS.flatten()))
+
+
+def train(project: Path, **layout) -> subprocess.CompletedProcess:
+    write_params(project, pretrain={**STEPS, **layout})
+    return run_stage("pretrain", project)
+
+
+@pytest.fixture(scope="module")
+def reference(prepared_project, tmp_path_factory) -> Path:
+    project = tmp_path_factory.mktemp("single") / "project"
+    shutil.copytree(prepared_project, project)
+    train(project)
+    return project
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_trains_the_same_model_as_one_process(reference, project, name):
+    out = train(project, **LAYOUTS[name])
+    assert f"launching {LAYOUTS[name]['world_size']} processes" in out.stdout
+    ours, single = losses(project), losses(reference)
+    assert len(ours) == len(single) == 20
+    assert ours == pytest.approx(single, rel=1e-4)
+    assert val_loss(project) == pytest.approx(val_loss(reference), rel=1e-4)
+    metrics = json.loads((project / "metrics/pretrain.json").read_text())
+    assert metrics["world_size"] == LAYOUTS[name]["world_size"] and metrics["grad_bytes_per_step"] > 0
+
+
+def test_int8_gradients_send_70_percent_fewer_bytes(reference, project):
+    train(project, world_size=2, grad_compression="int8")
+    int8 = json.loads((project / "metrics/pretrain.json").read_text())["grad_bytes_per_step"]
+    int8_loss, int8_val = losses(project)[-1], val_loss(project)
+    train(project, world_size=2)  # other params (a new run): the fp32 baseline
+    fp32 = json.loads((project / "metrics/pretrain.json").read_text())["grad_bytes_per_step"]
+    assert int8 <= 0.30 * fp32
+    assert int8_loss == pytest.approx(losses(project)[-1], rel=0.01)
+    assert int8_val == pytest.approx(val_loss(project), rel=0.01)
+
+
+def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
+    return [c for c in psutil.Process(launcher.pid).children(recursive=True) if "--worker" in c.cmdline()]
+
+
+def kill_one_rank_after(project: Path, step: int, **layout) -> subprocess.Popen:
+    """Start the stage, wait for the checkpoint of `step`, kill -9 one worker (or the only process)."""
+    write_params(project, pretrain={"steps": 60, "log_every": 1, "checkpoint_every": step, **layout})
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=project, env=stage_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = project / f"checkpoints/pretrain/step_{step:08d}"
+    deadline = time.time() + 300
+    while not ckpt.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    victims = _workers(proc) if layout.get("world_size", 1) > 1 else [psutil.Process(proc.pid)]
+    assert ckpt.is_dir() and victims, "no checkpoint to resume from"
+    victims[-1].send_signal(signal.SIGKILL)
+    return proc
+
+
+@pytest.mark.parametrize("before,after", [
+    ({"world_size": 2}, {}),  # 2 -> 1
+    ({}, {"world_size": 4, "ep_size": 2}),  # 1 -> 4
+    ({"world_size": 2, "ep_size": 2, "zero_stage": 2}, {"world_size": 2}),  # EP2 + ZeRO-2 -> EP1
+])
+def test_kill_one_rank_then_resume_under_another_layout(prepared_project, tmp_path, before, after):
+    project, reference = tmp_path / "killed", tmp_path / "reference"
+    shutil.copytree(prepared_project, project)
+    shutil.copytree(prepared_project, reference)
+    proc = kill_one_rank_after(project, 10, **before)
+    out, _ = proc.communicate(timeout=120)  # the whole job goes down: no rank hangs in a collective
+    assert proc.returncode != 0, out
+    assert not (project / "models/teacher").exists()
+    for p in psutil.process_iter(["cmdline"]):
+        assert str(project) not in " ".join(p.info["cmdline"] or []), "a worker outlived the job"
+
+    write_params(project, pretrain={"steps": 60, "log_every": 1, "checkpoint_every": 10, **after})
+    resumed = run_stage("pretrain", project)
+    assert "resumed from" in resumed.stdout
+    write_params(reference, pretrain={"steps": 60, "log_every": 1, "checkpoint_every": 10})
+    run_stage("pretrain", reference)
+    assert losses(project)[-1] == pytest.approx(losses(reference)[-1], rel=1e-4)
+    assert val_loss(project) == pytest.approx(val_loss(reference), rel=1e-4)
+
+
+def test_max_restarts_relaunches_and_resumes_by_itself(project):
+    proc = kill_one_rank_after(project, 10, world_size=2, max_restarts=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resumed from" in out and (project / "models/teacher/model.safetensors").is_file()
+    assert json.loads((project / "metrics/pretrain.json").read_text())["resumed_from_step"] >= 10
+
+
+def test_activation_checkpointing_changes_memory_not_results(project, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(project, other)
+    train(project, activation_checkpointing="on")
+    train(other, activation_checkpointing="auto", memory_limit_gb=1e-3)  # any step exceeds 1 MB: on
+    assert json.loads((other / "metrics/pretrain.json").read_text())["activation_checkpointing"] is True
+    # Recomputation must not count routed tokens twice (the balancing bias would drift).
+    assert losses(project) == losses(other)
+    assert (project / "models/teacher/model.safetensors").read_bytes() == \
+        (other / "models/teacher/model.safetensors").read_bytes()
+    train(other, activation_checkpointing="off")
+    assert losses(other) == pytest.approx(losses(project), rel=1e-5)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"world_size": 3, "pp_size": 2}, "pretrain.world_size: 3 is not a multiple of pp_size=2"),
+    ({"world_size": 2, "ep_size": 4}, "pretrain.ep_size: 4 does not divide the 2 data-parallel ranks"),
+    ({"world_size": 3, "ep_size": 3}, "pretrain.ep_size: 3 does not divide n_routed_experts=8"),
+    ({"world_size": 3, "pp_size": 3}, "pretrain.pp_size: 3 > n_layers=2 (a stage needs a layer)"),
+    ({"world_size": 2, "zero_stage": 3}, "pretrain.zero_stage: 3 is not supported"),
+    ({"world_size": 2, "grad_compression": "int8", "zero_stage": 1}, "pretrain.grad_compression: int8 is a gradient"),
+])
+def test_bad_layout_refused_before_any_process_starts(project, override, message):
+    write_params(project, pretrain=override)
+    proc = run_stage("pretrain", project, check=False)
+    assert proc.returncode == 2 and "launching" not in proc.stdout
+    assert proc.stderr.strip().startswith(f"error: params.yaml: {message}")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (project / "models").exists() and not (project / "checkpoints").exists()
+
+
+def test_unreachable_host_in_hostfile_refused(project):
+    (project / "hostfile").write_text("nohost.invalid slots=2\n")
+    write_params(project, pretrain={"world_size": 2, "hostfile": "hostfile"})
+    proc = run_stage("pretrain", project, check=False)
+    assert proc.returncode == 2 and "launching" not in proc.stdout
+    assert proc.stderr.strip().startswith("error: hostfile")
+    assert len(proc.stderr.strip().splitlines()) == 1
