@@ -133,7 +133,7 @@ def test_unreachable_host_refused_before_anything_starts(tmp_path, monkeypatch):
 def test_launch_command_torchrun():
     p = params(world_size=2, max_restarts=3)
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-            "--max-restarts", "3", "--monitor-interval", "1"]
+            "--max-restarts", "0", "--monitor-interval", "1"]
     assert L.launch_command(p, ["-m", "stages.pretrain", "--worker"]) == [*head, "-m", "stages.pretrain", "--worker"]
     assert L.launch_command(p, ["/x/w.py", "a"]) == [*head, "/x/w.py", "a"]
 

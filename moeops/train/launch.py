@@ -3,12 +3,13 @@
 The pretrain stage calls `launch(p, ["-m", "stages.pretrain", "--worker"])` when `needs_launcher(p)`;
 each worker reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from its environment.
 
-- No hostfile: `python -m torch.distributed.run --standalone` with world_size processes. Its elastic
-  agent restarts all workers when one dies, up to max_restarts times; they resume from the last
-  checkpoint by themselves.
+- No hostfile: `python -m torch.distributed.run --standalone` with world_size processes; when one
+  dies, its agent stops the others.
 - A hostfile (DeepSpeed format, `hostname slots=N`): `python -m deepspeed.launcher.runner`, which
-  reaches other hosts with pdsh over ssh. It has no restarts of its own, so `launch` relaunches the
-  whole job up to max_restarts times.
+  reaches other hosts with pdsh over ssh.
+- After a failure `launch` relaunches the whole job, up to max_restarts times, and the workers resume
+  from the last checkpoint by themselves. (Not torchrun's own --max-restarts: its restarted workers
+  reuse the rendezvous store, and gloo then reads the dead workers' addresses from it.)
 
 Everything that can be checked before a process starts is: the hostfile's syntax, its slots against
 world_size, that every host resolves and answers on the ssh port, and that pdsh is there. Each
@@ -183,7 +184,7 @@ def launch_command(p: Any, worker_argv: Sequence[str], hosts: Mapping[str, int] 
     is_module, target, args = _split_worker(worker_argv)
     if not p.hostfile:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                "--nproc-per-node", str(p.world_size), "--max-restarts", str(p.max_restarts),
+                "--nproc-per-node", str(p.world_size), "--max-restarts", "0",
                 "--monitor-interval", "1", *(["-m"] if is_module else []), target, *args]
     if hosts is None:
         hosts = read_hostfile(p.hostfile, p.world_size)
@@ -353,11 +354,10 @@ def launch(p: Any, worker_argv: Sequence[str], cwd: str | os.PathLike[str] | Non
     env = _child_env(p, hosts)
     if hosts is None:
         print(f"pretrain: launching {p.world_size} processes (torchrun, max_restarts={p.max_restarts})", flush=True)
-        rc, sig = _run(cmd, env, cwd)
-        return rc
-    where = f"{len(hosts)} hosts" if len(hosts) > 1 else f"host {next(iter(hosts))}"
-    print(f"pretrain: launching {p.world_size} processes on {where} (deepspeed runner, hostfile {p.hostfile}, "
-          f"max_restarts={p.max_restarts})", flush=True)
+    else:
+        where = f"{len(hosts)} hosts" if len(hosts) > 1 else f"host {next(iter(hosts))}"
+        print(f"pretrain: launching {p.world_size} processes on {where} (deepspeed runner, hostfile {p.hostfile}, "
+              f"max_restarts={p.max_restarts})", flush=True)
     attempt = 0
     while True:
         rc, sig = _run(cmd, env, cwd)
@@ -365,5 +365,5 @@ def launch(p: Any, worker_argv: Sequence[str], cwd: str | os.PathLike[str] | Non
             return rc
         attempt += 1
         print(f"pretrain: job exited with code {rc}; relaunching ({attempt}/{p.max_restarts})", flush=True)
-        if not _multi_node(hosts):
+        if hosts is None or not _multi_node(hosts):
             cmd = launch_command(p, worker_argv, hosts)  # a fresh free port: the old one may linger
