@@ -57,6 +57,8 @@ def main() -> None:
         "maxvio_final": [round(v, 4) for v in result.maxvio],
         "world_size": p.world_size,
         "grad_bytes_per_step": result.grad_bytes_per_step,
+        "all_to_all_bytes_per_step": result.all_to_all_bytes_per_step,
+        "peak_rss_gb": round(result.peak_rss_gb, 3),
         "activation_checkpointing": result.activation_checkpointing,
     })
     print(f"pretrain: {OUT} written; {counts['total']:,} params ({counts['active']:,} active), "

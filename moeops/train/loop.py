@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from moeops.model.transformer import (
     reset_expert_stats,
     update_router_bias,
 )
+from moeops.train import parallel
 from moeops.train.checkpoint import clean_partial, list_checkpoints, load_checkpoint, read_state, save_checkpoint
 from moeops.train.compress import Int8GradAllReduce, ring_allreduce_bytes
 from moeops.train.data import get_batch
@@ -135,6 +137,8 @@ class TrainResult:
     seconds: float
     maxvio: list[float] = field(default_factory=list)
     grad_bytes_per_step: int = 0  # data-parallel gradient bytes this rank sends per step
+    all_to_all_bytes_per_step: int = 0  # expert-parallel token bytes this rank sends per step
+    peak_rss_gb: float = 0.0  # this process (rank 0)
     activation_checkpointing: bool = False
     step_peak_rss_gb: float = 0.0  # measured when activation_checkpointing is "auto"
 
@@ -227,6 +231,7 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
     bar = tqdm(total=p.steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not rank0)
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
+    a2a_start = parallel.all_to_all_bytes[0]
     try:
         for step in range(start, p.steps):
             lr = lr_at(step, p.steps, p.lr, p.min_lr, p.warmup_steps)
@@ -304,8 +309,9 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
     seconds = seconds_before + time.perf_counter() - t_start
     if state.get("step") == p.steps:  # the run had finished: report what the checkpoint recorded
         seconds = state.get("train_seconds", seconds)
-    if compress and p.steps > start:
-        grad_bytes = sum(r.bytes_sent for r in compress) // (p.steps - start)
+    steps_run = max(1, p.steps - start)
+    if compress:
+        grad_bytes = sum(r.bytes_sent for r in compress) // steps_run
     weights, _ = full_state(model, engine.optimizer, layout, zero)
     final = None
     if rank0:
@@ -316,7 +322,9 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
         model=final, steps_run=p.steps - start, resumed_from=start,
         tokens_per_s=p.steps * tokens_per_step / seconds if seconds else 0.0,
         final_loss=float(np.mean(losses[-10:])), seconds=seconds, maxvio=maxvio,
-        grad_bytes_per_step=grad_bytes, activation_checkpointing=use_ckpt, step_peak_rss_gb=peak_gb)
+        grad_bytes_per_step=grad_bytes, activation_checkpointing=use_ckpt, step_peak_rss_gb=peak_gb,
+        all_to_all_bytes_per_step=(parallel.all_to_all_bytes[0] - a2a_start) // steps_run,
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
 def last_good(ckpt_dir: Path) -> str:

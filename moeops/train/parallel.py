@@ -83,22 +83,31 @@ def init_distributed(p: PretrainParams) -> Layout:
 # ---------------------------------------------------------------- expert parallelism
 
 
+# Bytes this process has sent to other ranks by expert-parallel all-to-all (forward, backward and
+# activation-checkpointing recomputation), for the logs and the benchmarks.
+all_to_all_bytes = [0]
+
+
+def _all_to_all(x_MD: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    out = x_MD.new_empty(sum(out_splits), *x_MD.shape[1:])
+    dist.all_to_all_single(out, x_MD.contiguous(), out_splits, in_splits, group=group)
+    me = dist.get_rank(group=group)
+    all_to_all_bytes[0] += (sum(in_splits) - in_splits[me]) * x_MD[0:1].numel() * x_MD.element_size()
+    return out
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven splits; the backward sends the gradients back the same way."""
 
     @staticmethod
     def forward(ctx, x_MD, out_splits: list[int], in_splits: list[int], group):
         ctx.splits, ctx.group = (in_splits, out_splits), group
-        out = x_MD.new_empty(sum(out_splits), *x_MD.shape[1:])
-        dist.all_to_all_single(out, x_MD.contiguous(), out_splits, in_splits, group=group)
-        return out
+        return _all_to_all(x_MD, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad_out):
         back_out, back_in = ctx.splits
-        grad_in = grad_out.new_empty(sum(back_out), *grad_out.shape[1:])
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), back_out, back_in, group=ctx.group)
-        return grad_in, None, None, None
+        return _all_to_all(grad_out, back_out, back_in, ctx.group), None, None, None
 
 
 class ExpertParallel(DeepSpeedMoE):
