@@ -27,6 +27,8 @@ LAYOUTS = {
     "dp2-zero2": {"world_size": 2, "zero_stage": 2},
     "ep2": {"world_size": 2, "ep_size": 2},
     "dp2xep2-zero1": {"world_size": 4, "ep_size": 2, "zero_stage": 1},
+    "pp2": {"world_size": 2, "pp_size": 2},
+    "pp2xdp2xep2": {"world_size": 4, "pp_size": 2, "ep_size": 2},
 }
 
 
@@ -152,6 +154,8 @@ def test_activation_checkpointing_changes_memory_not_results(project, tmp_path):
     ({"world_size": 3, "pp_size": 3}, "pretrain.pp_size: 3 > n_layers=2 (a stage needs a layer)"),
     ({"world_size": 2, "zero_stage": 3}, "pretrain.zero_stage: 3 is not supported"),
     ({"world_size": 2, "grad_compression": "int8", "zero_stage": 1}, "pretrain.grad_compression: int8 is a gradient"),
+    ({"world_size": 4, "pp_size": 2, "ep_size": 2, "zero_stage": 1}, "pretrain.zero_stage: 1 with pipeline and expert"),
+    ({"world_size": 2, "pp_size": 2, "zero_stage": 2}, "pretrain.zero_stage: 2 with pp_size > 1"),
 ])
 def test_bad_layout_refused_before_any_process_starts(project, override, message):
     write_params(project, pretrain=override)

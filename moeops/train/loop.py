@@ -45,14 +45,15 @@ from moeops.train.parallel import (
     Layout,
     allreduce_expert_loads,
     checkpoint_blocks,
-    clip_grad_norm_,
     ds_config,
+    exact_clipping,
     full_state,
     init_distributed,
     is_expert_param,
     load_full_moments,
     optimizer_groups,
     parallelize,
+    pipeline,
     step_peak_rss_gb,
 )
 
@@ -207,14 +208,26 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
     if use_ckpt:
         checkpoint_blocks(model)
     zero = p.zero_stage > 0
-    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, p, layout),
+    module, owns = pipeline(model, layout) if layout.pp_size > 1 else (model, None)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=make_optimizer(module, p, layout),
                                       config=ds_config(p, layout))
-    load_full_moments(model, engine.optimizer, moments, start, layout, zero)
+    load_full_moments(model, engine.optimizer, moments, start, layout, zero, owns)
+    grad_norm, at = float("nan"), {"step": start}
+
+    def check_grad_norm(norm: float) -> None:
+        nonlocal grad_norm
+        grad_norm = norm
+        if not math.isfinite(norm):  # never let a NaN/inf gradient reach the weights
+            raise TrainingDiverged(f"pretrain: gradient norm is {norm} at step {at['step']}; stopped "
+                                   f"({last_good(ckpt_dir)})")
+
+    if not zero:
+        exact_clipping(engine, layout, p.grad_clip, check_grad_norm)
     compress = None
     if p.grad_compression == "int8" and layout.dp_size > 1:
         engine.enable_backward_allreduce = False  # moeops reduces the gradients itself
         compress = int8_reducers(model, layout, p.compression_block)
-    grad_bytes = grad_bytes_per_step(model, layout, p.grad_compression)
+    grad_bytes = grad_bytes_per_step(module, layout, p.grad_compression)
 
     # Running totals live in the checkpoint so that a resumed run reports the whole run.
     seconds_before, losses = state.get("train_seconds", 0.0), state.get("recent_losses", [])
@@ -237,39 +250,18 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
             lr = lr_at(step, p.steps, p.lr, p.min_lr, p.warmup_steps)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            step_loss, step_aux = 0.0, 0.0
-            for m in range(p.grad_accum):
-                x_BS, y_BS = batch(step, m)
-                with autocast:
-                    logits_BSV = engine(x_BS)
-                ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.flatten())
-                aux = model.aux_loss()
-                loss = ce + aux
-                if loss_hook is not None:
-                    loss = loss_hook(step, loss)
-                # One all-reduce for the global batch's loss, cross-entropy and balance loss.
-                global_loss, global_ce, global_aux = _global_mean(
-                    torch.stack([loss.detach(), ce.detach(), torch.as_tensor(aux).detach().float()]), layout).tolist()
-                if not math.isfinite(global_loss):
-                    raise TrainingDiverged(f"pretrain: loss is {global_loss} at step {step}; stopped "
+            at["step"] = step
+            if layout.pp_size > 1:  # the pipeline runs all micro-batches, reduces and steps
+                step_loss = float(engine.train_batch(iter([batch(step, m) for m in range(p.grad_accum)])))
+                step_aux = 0.0  # refused with pipelines (see moeops.config.check_layout)
+                if not math.isfinite(step_loss):
+                    raise TrainingDiverged(f"pretrain: loss is {step_loss} at step {step}; stopped "
                                            f"({last_good(ckpt_dir)})")
-                engine.backward(loss)
-                if m == p.grad_accum - 1:  # the gradients are reduced: clip (and stop on NaN) before the step
-                    for reduce in compress or []:
-                        reduce()
-                    if not zero:
-                        grad_norm = float(clip_grad_norm_(model, p.grad_clip, layout))
-                        if not math.isfinite(grad_norm):  # never let a NaN/inf gradient reach the weights
-                            raise TrainingDiverged(f"pretrain: gradient norm is {grad_norm} at step {step}; "
-                                                   f"stopped ({last_good(ckpt_dir)})")
-                engine.step()
-                step_loss += global_ce / p.grad_accum
-                step_aux += global_aux / p.grad_accum
+            else:
+                step_loss, step_aux = _data_parallel_step(engine, model, batch, step, p, layout, autocast, compress,
+                                                          loss_hook, ckpt_dir)
             if zero:  # ZeRO clips inside its step, so a NaN gradient is caught one step late
-                grad_norm = float(engine.get_global_grad_norm())
-                if not math.isfinite(grad_norm):
-                    raise TrainingDiverged(f"pretrain: gradient norm is {grad_norm} at step {step}; stopped "
-                                           f"({last_good(ckpt_dir)})")
+                check_grad_norm(float(engine.get_global_grad_norm()))
             allreduce_expert_loads(model, layout)
             maxvio = [max_violation(load) for load in expert_loads(model)]
             update_router_bias(model, p.bias_update_speed)
@@ -292,7 +284,7 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
                     for i, v in enumerate(maxvio):
                         live.log_metric(f"expert_load/maxvio_layer{i + args.first_k_dense_replace}", v)
             if done % p.checkpoint_every == 0 or done == p.steps:
-                weights, moments = full_state(model, engine.optimizer, layout, zero)
+                weights, moments = full_state(model, engine.optimizer, layout, zero, owns)
                 if rank0:
                     save_checkpoint(ckpt_dir, done, weights, moments,
                                     {"run_id": rid, "threads": threads, "world_size": layout.world_size,
@@ -312,7 +304,7 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
     steps_run = max(1, p.steps - start)
     if compress:
         grad_bytes = sum(r.bytes_sent for r in compress) // steps_run
-    weights, _ = full_state(model, engine.optimizer, layout, zero)
+    weights, _ = full_state(model, engine.optimizer, layout, zero, owns)
     final = None
     if rank0:
         final = build_model(args, seed=p.seed)
@@ -325,6 +317,35 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
         grad_bytes_per_step=grad_bytes, activation_checkpointing=use_ckpt, step_peak_rss_gb=peak_gb,
         all_to_all_bytes_per_step=(parallel.all_to_all_bytes[0] - a2a_start) // steps_run,
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+def _data_parallel_step(engine, model, batch, step: int, p: PretrainParams, layout: Layout, autocast, compress,
+                        loss_hook, ckpt_dir: Path) -> tuple[float, float]:
+    """Forward and backward over the micro-batches, then the optimizer step. Returns the global
+    batch's cross-entropy and balance loss."""
+    step_loss, step_aux = 0.0, 0.0
+    for m in range(p.grad_accum):
+        x_BS, y_BS = batch(step, m)
+        with autocast:
+            logits_BSV = engine(x_BS)
+        ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.flatten())
+        aux = model.aux_loss()
+        loss = ce + aux
+        if loss_hook is not None:
+            loss = loss_hook(step, loss)
+        # One all-reduce for the global batch's loss, cross-entropy and balance loss.
+        global_loss, global_ce, global_aux = _global_mean(
+            torch.stack([loss.detach(), ce.detach(), torch.as_tensor(aux).detach().float()]), layout).tolist()
+        if not math.isfinite(global_loss):
+            raise TrainingDiverged(f"pretrain: loss is {global_loss} at step {step}; stopped ({last_good(ckpt_dir)})")
+        engine.backward(loss)
+        if m == p.grad_accum - 1:
+            for reduce in compress or []:  # int8 all-reduce in place of DeepSpeed's
+                reduce()
+        engine.step()  # clips (exact_clipping) and steps after the last micro-batch
+        step_loss += global_ce / p.grad_accum
+        step_aux += global_aux / p.grad_accum
+    return step_loss, step_aux
 
 
 def last_good(ckpt_dir: Path) -> str:

@@ -211,14 +211,68 @@ def step_peak_rss_gb(run_step) -> float:
 
 def parallelize(model: Transformer, layout: Layout, activation_checkpointing: bool) -> Transformer:
     """Shard the routed experts over the expert-parallel group and wrap the blocks for activation
-    checkpointing, in place. Call before `deepspeed.initialize`."""
+    checkpointing, in place. Call before `deepspeed.initialize` (and `pipeline`)."""
     if layout.ep_size > 1:
+        # Every rank creates the groups (a collective), also a pipeline stage without MoE layers.
+        if f"ep_size_{layout.ep_size}" not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(layout.ep_size, pp_size=layout.pp_size)
         for moe in model.moe_layers():
             moe.experts = ExpertParallel(moe.experts.gate_up_proj, moe.experts.down_proj, layout.ep_size,
                                          layout.ep_rank)
     if activation_checkpointing:
         checkpoint_blocks(model)
     return model
+
+
+# ---------------------------------------------------------------- pipeline parallelism
+
+
+class _Embed(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.embed_tokens, self.prefixes = model.model.embed_tokens, ["model.embed_tokens"]
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens_BS)
+
+
+class _PipeBlock(nn.Module):
+    def __init__(self, model: Transformer, i: int):
+        super().__init__()
+        self.block, self.prefixes = model.model.layers[i], [f"model.layers.{i}"]
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        S = x_BSD.shape[1]
+        return self.block(x_BSD, self.rope_cos[:S], self.rope_sin[:S])
+
+
+class _Head(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.norm, self.lm_head, self.prefixes = model.model.norm, model.lm_head, ["model.norm", "lm_head"]
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x_BSD))
+
+
+def _cross_entropy(logits_BSV: torch.Tensor, y_BS: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.flatten())
+
+
+def pipeline(model: Transformer, layout: Layout):
+    """The model as DeepSpeed pipeline stages (embedding, blocks balanced over the stages, head)
+    sharing `model`'s modules; each rank keeps its stage. Returns (PipelineModule, owns) where
+    owns(name) says whether a parameter or buffer name of `model` lives on this rank's stage."""
+    from deepspeed.pipe import PipelineModule
+
+    layers = [_Embed(model), *(_PipeBlock(model, i) for i in range(model.args.n_layers)), _Head(model)]
+    pipe = PipelineModule(layers, num_stages=layout.pp_size, loss_fn=_cross_entropy, partition_method="type:_PipeBlock")
+    stage = pipe.stage_id
+    prefixes = tuple(f"{prefix}." for layer in layers[pipe.parts[stage]:pipe.parts[stage + 1]]
+                     for prefix in layer.prefixes)
+    return pipe, lambda name: name.startswith(prefixes)
 
 
 def ds_config(p: PretrainParams, layout: Layout) -> dict:
@@ -229,10 +283,11 @@ def ds_config(p: PretrainParams, layout: Layout) -> dict:
         "train_batch_size": micro * p.grad_accum * layout.dp_size,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        # Without ZeRO, moeops clips with the exact global norm (clip_grad_norm_ below): DeepSpeed's
-        # fp32 clipping averages per-rank norms when experts are sharded.
-        "gradient_clipping": p.grad_clip if p.zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": p.zero_stage},
+        # Never 0 (= off): the step computes the norm only when it clips, and a non-finite norm stops
+        # the run. Without ZeRO the norm is moeops' exact one (see `exact_clipping`).
+        "gradient_clipping": p.grad_clip or 1e30,
+        # Buckets of 5e8 elements (the default) cost a 2 GB allocation per step on CPU.
+        "zero_optimization": {"stage": p.zero_stage, "reduce_bucket_size": 2**22, "allgather_bucket_size": 2**22},
     }
     if p.grad_compression in ("fp16", "bf16"):
         config["communication_data_type"] = p.grad_compression
@@ -252,7 +307,8 @@ def optimizer_groups(groups_: list[dict], layout: Layout) -> list[dict]:
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float, layout: Layout) -> torch.Tensor:
     """Exact global gradient norm after the data-parallel reduction (dense gradients are equal
-    on every rank; expert gradients differ across the expert-parallel group), then clip."""
+    on every rank of a stage; expert gradients differ across the expert-parallel group; stages
+    hold different layers), then clip. `model`: this rank's module (its stage's with a pipeline)."""
     dense, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     params = [t for t in model.parameters() if t.grad is not None]
     for t in params:
@@ -263,24 +319,37 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: Layout) -> torch.
             dense += sq
     if layout.ep_size > 1:
         dist.all_reduce(expert, group=groups._get_expert_parallel_group(f"ep_size_{layout.ep_size}"))
-    norm = (dense + expert).sqrt().float()
-    if max_norm > 0 and torch.isfinite(norm):
+    total = dense + expert
+    if layout.pp_size > 1:  # each stage holds its own layers' gradients
+        dist.all_reduce(total, group=groups.mpu.get_pipe_parallel_group())
+    norm = total.sqrt().float()
+    if torch.isfinite(norm):
         coef = min(1.0, max_norm / (float(norm) + 1e-6))
         for t in params:
             t.grad.mul_(coef)
     return norm
 
 
+def exact_clipping(engine, layout: Layout, max_norm: float, check) -> None:
+    """Make a non-ZeRO engine clip with `clip_grad_norm_`: DeepSpeed's fp32 clipping averages the
+    per-rank norms when experts are sharded. `check(norm)` runs before the optimizer step."""
+    def clip():
+        check(float(clip_grad_norm_(engine.module, max_norm, layout)))
+
+    engine.clip_fp32_gradients = clip
+
+
 @torch.no_grad()
 def allreduce_expert_loads(model: Transformer, layout: Layout) -> None:
-    """Sum every router's token counts over the data-parallel ranks, so that each rank sees the
-    global load and makes the same balancing-bias update."""
-    if layout.dp_size == 1:
+    """Sum every router's token counts over all ranks, so that each rank sees the global load and
+    makes the same balancing-bias update. (A pipeline stage counts zero for the other stages'
+    layers: the world sum is each layer's sum over its own stage's data-parallel ranks.)"""
+    if layout.world_size == 1:
         return
     loads = [m.gate.tokens_per_expert for m in model.moe_layers()]
     if loads:
         flat = torch.cat(loads)
-        dist.all_reduce(flat, group=groups._get_data_parallel_group())
+        dist.all_reduce(flat)
         for load, new in zip(loads, flat.split([len(x) for x in loads]), strict=True):
             load.copy_(new)
 
@@ -307,19 +376,24 @@ def _link_zero_states(optimizer) -> None:
     optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def full_state(model: nn.Module, optimizer, layout: Layout, zero: bool) -> tuple[dict, dict]:
+def full_state(model: nn.Module, optimizer, layout: Layout, zero: bool, owns=None) -> tuple[dict, dict]:
     """Unsharded weights (with the balancing-bias buffers) and AdamW moments by parameter name,
-    the same whatever the layout. Collective: every rank calls it."""
+    the same whatever the layout. With pipeline stages, `owns(name)` picks this rank's names and
+    the stages' parts are merged. Collective: every rank calls it."""
+    owns = owns or (lambda name: True)
     weights, moments = {}, {}
     params = dict(model.named_parameters())
     if zero:
         _link_zero_states(optimizer)
     for name, t in model.state_dict().items():
-        weights[name] = t.detach().clone()
-        if name in params and is_expert_param(params[name]):
-            weights[name] = _gather_experts(weights[name], layout)
+        if owns(name):
+            weights[name] = t.detach().clone()
+            if name in params and is_expert_param(params[name]):
+                weights[name] = _gather_experts(weights[name], layout)
     for name, param in params.items():
         for key in ADAM_STATE:
+            if not owns(name):
+                continue
             if zero:
                 value = safe_get_full_optimizer_state(param, key)
             else:
@@ -327,21 +401,23 @@ def full_state(model: nn.Module, optimizer, layout: Layout, zero: bool) -> tuple
             if value is None:  # before the first step
                 continue
             moments[f"{name}.{key}"] = _gather_experts(value, layout) if is_expert_param(param) else value.clone()
+    if layout.pp_size > 1:
+        parts = [None] * layout.world_size
+        dist.all_gather_object(parts, (weights, moments))
+        weights, moments = {}, {}
+        for w, m in parts:
+            weights.update(w)
+            moments.update(m)
+        weights = {name: weights[name] for name in model.state_dict()}  # the model's order
     return weights, moments
 
 
-def load_full_state(model: nn.Module, weights: dict, layout: Layout) -> None:
-    """Load unsharded weights into a (possibly expert-sharded) model."""
-    params = dict(model.named_parameters())
-    local = {k: _local_experts(v, layout) if k in params and is_expert_param(params[k]) else v
-             for k, v in weights.items()}
-    model.load_state_dict(local, strict=True)
-
-
-def load_full_moments(model: nn.Module, optimizer, moments: dict, step: int, layout: Layout, zero: bool) -> None:
+def load_full_moments(model: nn.Module, optimizer, moments: dict, step: int, layout: Layout, zero: bool,
+                      owns=None) -> None:
     """Set the AdamW moments (and step count) from unsharded tensors, after `deepspeed.initialize`."""
     if not moments:
         return
+    owns = owns or (lambda name: True)
     base = optimizer.optimizer if zero else optimizer
     for group in base.param_groups:  # ZeRO creates Adam's state lazily, at the first step
         for flat in group["params"]:
@@ -352,6 +428,8 @@ def load_full_moments(model: nn.Module, optimizer, moments: dict, step: int, lay
     if zero:
         _link_zero_states(optimizer)
     for name, param in model.named_parameters():
+        if not owns(name):
+            continue
         for key in ADAM_STATE:
             value = moments[f"{name}.{key}"]
             value = _local_experts(value, layout) if is_expert_param(param) else value
