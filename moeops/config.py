@@ -250,7 +250,8 @@ def check_layout(p: PretrainParams, args: ModelArgs) -> None:
     if p.pp_size > 1 and p.zero_stage > 1:
         raise ValueError(f"zero_stage: {p.zero_stage} with pp_size > 1; DeepSpeed's pipeline engine "
                          "supports ZeRO stage 0 or 1")
-    if p.pp_size > 1 and p.ep_size > 1 and p.zero_stage > 0 and args.first_k_dense_replace >= args.n_layers // p.pp_size:
+    stage0_dense = args.first_k_dense_replace >= args.n_layers // p.pp_size
+    if p.pp_size > 1 and p.ep_size > 1 and p.zero_stage > 0 and stage0_dense:
         # ZeRO's gradient-norm all-reduce over the stages runs once per parameter group, and a stage
         # without MoE layers has fewer groups: the stages would wait on each other forever.
         raise ValueError(f"zero_stage: {p.zero_stage} with pipeline and expert parallelism needs a MoE layer in "
