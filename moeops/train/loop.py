@@ -137,8 +137,8 @@ class TrainResult:
     final_loss: float
     seconds: float
     maxvio: list[float] = field(default_factory=list)
-    grad_bytes_per_step: int = 0  # data-parallel gradient bytes this rank sends per step
-    all_to_all_bytes_per_step: int = 0  # expert-parallel token bytes this rank sends per step
+    grad_bytes_per_step: int = 0  # data-parallel gradient bytes a rank sends per step (the busiest)
+    all_to_all_bytes_per_step: int = 0  # expert-parallel token bytes a rank sends per step (the busiest)
     peak_rss_gb: float = 0.0  # this process (rank 0)
     activation_checkpointing: bool = False
     step_peak_rss_gb: float = 0.0  # measured when activation_checkpointing is "auto"
@@ -304,6 +304,10 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
     steps_run = max(1, p.steps - start)
     if compress:
         grad_bytes = sum(r.bytes_sent for r in compress) // steps_run
+    # The busiest rank's traffic (with a pipeline, rank 0's stage may hold no MoE layer).
+    traffic = torch.tensor([grad_bytes, (parallel.all_to_all_bytes[0] - a2a_start) // steps_run])
+    dist.all_reduce(traffic, op=dist.ReduceOp.MAX)
+    grad_bytes, a2a_bytes = traffic.tolist()
     weights, _ = full_state(model, engine.optimizer, layout, zero, owns)
     final = None
     if rank0:
@@ -315,7 +319,7 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
         tokens_per_s=p.steps * tokens_per_step / seconds if seconds else 0.0,
         final_loss=float(np.mean(losses[-10:])), seconds=seconds, maxvio=maxvio,
         grad_bytes_per_step=grad_bytes, activation_checkpointing=use_ckpt, step_peak_rss_gb=peak_gb,
-        all_to_all_bytes_per_step=(parallel.all_to_all_bytes[0] - a2a_start) // steps_run,
+        all_to_all_bytes_per_step=a2a_bytes,
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 

@@ -67,13 +67,16 @@ def _free_port() -> int:
 def init_distributed(p: PretrainParams) -> Layout:
     """Join the job started by the launcher (RANK, WORLD_SIZE, MASTER_ADDR, ... in the
     environment), or form a one-process group when run directly. Gloo on CPU, NCCL on GPU."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+        # Not launched: a group of one, without touching os.environ (child processes must not
+        # take it for a launcher's).
+        alone = {} if "RANK" in os.environ else {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0,
+                                                  "world_size": 1, "auto_mpi_discovery": False}
+        if alone:
+            os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
+                                   **alone)
     world = dist.get_world_size()
     if world != p.world_size:
         raise RuntimeError(f"launched with {world} processes, pretrain.world_size is {p.world_size}")
