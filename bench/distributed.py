@@ -48,6 +48,7 @@ LAYOUTS: dict[str, dict] = {
     "ep2": {"world_size": 2, "ep_size": 2},
     "dp2xep2-zero1": {"world_size": 4, "ep_size": 2, "zero_stage": 1},
     "pp2": {"world_size": 2, "pp_size": 2},
+    "pp2xdp2xep2": {"world_size": 4, "pp_size": 2, "ep_size": 2},
 }
 COMPRESSIONS = ["none", "bf16", "int8"]
 
