@@ -183,3 +183,21 @@ def test_unreachable_host_in_hostfile_refused(project):
     assert proc.returncode == 2 and "launching" not in proc.stdout
     assert proc.stderr.strip().startswith("error: hostfile")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", ["drop_moment", "truncate_weights"])
+def test_damaged_checkpoint_is_a_one_line_error(project, damage):
+    from safetensors.torch import load_file, save_file
+
+    train(project)
+    last = project / "checkpoints/pretrain/step_00000020"
+    if damage == "drop_moment":
+        moments = load_file(last / "optimizer.safetensors")
+        moments.pop(next(iter(moments)))
+        save_file(moments, last / "optimizer.safetensors")
+    else:
+        (last / "model.safetensors").write_bytes((last / "model.safetensors").read_bytes()[:1000])
+    proc = run_stage("pretrain", project, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"error: {Path('checkpoints/pretrain/step_00000020')}: corrupt checkpoint")
+    assert len(proc.stderr.strip().splitlines()) == 1

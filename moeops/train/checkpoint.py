@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moeops.cli import UserError
@@ -70,7 +71,7 @@ def load_checkpoint(path: Path, load) -> dict:
         state = read_state(path)
         load(load_file(path / "model.safetensors"), load_file(path / "optimizer.safetensors"), state)
         torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as e:
         raise UserError(f"{path}: corrupt checkpoint ({str(e).splitlines()[0]}); delete it to resume "
                         "from the one before") from None
     return state

@@ -42,6 +42,7 @@ from moeops.train.checkpoint import clean_partial, list_checkpoints, load_checkp
 from moeops.train.compress import Int8GradAllReduce, ring_allreduce_bytes
 from moeops.train.data import get_batch
 from moeops.train.parallel import (
+    ADAM_STATE,
     Layout,
     allreduce_expert_loads,
     checkpoint_blocks,
@@ -191,6 +192,10 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
     if ckpt is not None:
         def load(weights, moments_, state_):
             model.load_state_dict(weights, strict=True)
+            for name, param in model.named_parameters():  # checked here: a bad file is one line
+                for key in ADAM_STATE:
+                    if moments_.get(f"{name}.{key}", torch.empty(0)).shape != param.shape:
+                        raise ValueError(f"optimizer.safetensors: {name}.{key} missing or misshapen")
             moments.update(moments_)
         state = load_checkpoint(ckpt, load)
         if rank0:
