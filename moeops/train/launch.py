@@ -161,7 +161,7 @@ def _split_worker(worker_argv: Sequence[str]) -> tuple[bool, str, list[str]]:
     return False, argv[0], argv[1:]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
@@ -194,11 +194,11 @@ def launch_command(p: Any, worker_argv: Sequence[str], hosts: Mapping[str, int] 
         # ask it over ssh for `hostname -I`. --force_multi: a single remote host still goes through pdsh.
         first = next(iter(hosts))
         master = socket.gethostname() if is_local_host(first) else first
-        port = master_port or (_free_port() if is_local_host(first) else DEFAULT_MASTER_PORT)
+        port = master_port or (free_port() if is_local_host(first) else DEFAULT_MASTER_PORT)
         cmd += ["--master_addr", master, "--master_port", str(port), "--force_multi"]
     else:
         # This machine only: the runner would still try `ssh localhost` unless told not to.
-        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(master_port or _free_port()), "--no_ssh_check"]
+        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(master_port or free_port()), "--no_ssh_check"]
     # --no_local_rank: otherwise every worker gets a `--local_rank=N` argument (LOCAL_RANK is in its env).
     cmd += ["--no_local_rank", *(["--module"] if is_module else []), target, *args]
     return cmd

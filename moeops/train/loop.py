@@ -208,7 +208,7 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
         x_BS, y_BS = get_batch(train_tokens, p.seed, step, m, p.batch_size, p.seq_len)
         return x_BS[rows], y_BS[rows]
 
-    parallelize(model, layout, activation_checkpointing=False)
+    parallelize(model, layout)
     use_ckpt, peak_gb = _choose_checkpointing(p, model, batch(start, 0), layout)
     if use_ckpt:
         checkpoint_blocks(model)

@@ -19,7 +19,6 @@ import contextlib
 import functools
 import logging
 import os
-import socket
 from dataclasses import dataclass
 
 import deepspeed
@@ -34,6 +33,7 @@ from kernels.grouped_mlp import grouped_swiglu
 from moeops.config import PretrainParams
 from moeops.model.moe import MoE
 from moeops.model.transformer import Transformer
+from moeops.train.launch import free_port
 
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
@@ -58,12 +58,6 @@ class Layout:
         return self.dp_rank % self.ep_size
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(p: PretrainParams) -> Layout:
     """Join the job started by the launcher (RANK, WORLD_SIZE, MASTER_ADDR, ... in the
     environment), or form a one-process group when run directly. Gloo on CPU, NCCL on GPU."""
@@ -71,7 +65,7 @@ def init_distributed(p: PretrainParams) -> Layout:
     if not dist.is_initialized():
         # Not launched: a group of one, without touching os.environ (child processes must not
         # take it for a launcher's).
-        alone = {} if "RANK" in os.environ else {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0,
+        alone = {} if "RANK" in os.environ else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0,
                                                   "world_size": 1, "auto_mpi_discovery": False}
         if alone:
             os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it
@@ -212,9 +206,9 @@ def step_peak_rss_gb(run_step) -> float:
 # ---------------------------------------------------------------- the engine
 
 
-def parallelize(model: Transformer, layout: Layout, activation_checkpointing: bool) -> Transformer:
-    """Shard the routed experts over the expert-parallel group and wrap the blocks for activation
-    checkpointing, in place. Call before `deepspeed.initialize` (and `pipeline`)."""
+def parallelize(model: Transformer, layout: Layout) -> Transformer:
+    """Shard the routed experts over the expert-parallel group, in place. Call before
+    `deepspeed.initialize` (and `pipeline`); `checkpoint_blocks` adds activation checkpointing."""
     if layout.ep_size > 1:
         # Every rank creates the groups (a collective), also a pipeline stage without MoE layers.
         if f"ep_size_{layout.ep_size}" not in groups._get_expert_parallel_group_dict():
@@ -222,8 +216,6 @@ def parallelize(model: Transformer, layout: Layout, activation_checkpointing: bo
         for moe in model.moe_layers():
             moe.experts = ExpertParallel(moe.experts.gate_up_proj, moe.experts.down_proj, layout.ep_size,
                                          layout.ep_rank)
-    if activation_checkpointing:
-        checkpoint_blocks(model)
     return model
 
 
