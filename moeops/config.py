@@ -272,6 +272,31 @@ class EvaluateParams(Section):
     threads: int = Field(0, ge=0)
 
 
+class QuantizeParams(Section):
+    # int8: dynamic (per-token activation) int8 MatMuls + the routed experts as 8-bit QMoE.
+    # int4: weight-only 4-bit MatMulNBits + the routed experts as 4-bit QMoE, both block-wise along K.
+    int4_block_size: int = Field(32, ge=16)  # a power of two that divides every quantized input dimension
+    int4_accuracy_level: int = Field(0, ge=0, le=4)  # MatMulNBits accuracy_level (4 = int8 activations)
+    threads: int = Field(0, ge=0)
+
+    @field_validator("int4_block_size")
+    @classmethod
+    def _pow2(cls, v):
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two, got {v}")
+        return v
+
+
+class ExportParams(Section):
+    parity_atol: float = Field(1e-4, gt=0)  # ONNX Runtime vs PyTorch fp32 logits, prefill and decode
+    parity_decode_steps: int = Field(20, ge=1)
+    tensorrt: Literal["auto", "off"] = "auto"  # auto: build an engine when an NVIDIA GPU is present
+    triton_variant: Literal["fp32", "int8", "int4"] = "int8"  # the ONNX model in the Triton repository
+    triton_max_batch_size: int = Field(8, ge=1)
+    triton_max_queue_delay_us: int = Field(2000, ge=0)
+    threads: int = Field(0, ge=0)
+
+
 class FlowParams(Section):
     retries: int = Field(1, ge=0)
     retry_delay_s: float = Field(5.0, ge=0)
@@ -282,6 +307,8 @@ SECTIONS: dict[str, type[Section]] = {
     "corpus": CorpusParams,
     "prepare": PrepareParams,
     "pretrain": PretrainParams,
+    "quantize": QuantizeParams,
+    "export": ExportParams,
     "evaluate": EvaluateParams,
     "flow": FlowParams,
 }
