@@ -62,23 +62,41 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, args.dim, bias=False)
         self.scale = qk_dim**-0.5
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def project(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries with RoPE applied (q_BHSX) and what the KV cache keeps per position: the normed
+        latent (latent_BSC) and the rotated shared RoPE key (k_rope_BSR). `cos`/`sin` are [S, R/2]
+        (positions 0..S-1) or [B, 1, S, R/2] (per-sequence positions)."""
         B, S, _ = x_BSD.shape
-        H = self.n_heads
         if hasattr(self, "q_proj"):
             q = self.q_proj(x_BSD)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
-        q_BHSX = q.view(B, S, H, -1).transpose(1, 2)
-        q_nope, q_rope = q_BHSX.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_nope, q_rope = q.view(B, S, self.n_heads, -1).transpose(1, 2).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_BHSX = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
+        k_rope_BSR = apply_rope(k_rope_BSR.unsqueeze(1), cos, sin).squeeze(1)
+        return q_BHSX, self.kv_a_layernorm(latent_BSC), k_rope_BSR
 
-        kv_latent_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv_BHSX = self.kv_b_proj(self.kv_a_layernorm(kv_latent_BSC)).view(B, S, H, -1).transpose(1, 2)
-        k_nope, v_BHSV = kv_BHSX.split([self.nope_dim, self.v_dim], dim=-1)
-
-        q_rope = apply_rope(q_rope, cos, sin)
-        k_rope_B1SR = apply_rope(k_rope_BSR.unsqueeze(1), cos, sin)
-        q_BHSX = torch.cat([q_nope, q_rope], dim=-1)
-        k_BHSX = torch.cat([k_nope, k_rope_B1SR.expand(B, H, S, self.rope_dim)], dim=-1)
-        out_BHSV = F.scaled_dot_product_attention(q_BHSX, k_BHSX, v_BHSV, is_causal=True, scale=self.scale)
+    def attend(self, q_BHSX: torch.Tensor, latent_BTC: torch.Tensor, k_rope_BTR: torch.Tensor,
+               mask_B1ST: torch.Tensor | None) -> torch.Tensor:
+        """Attention of S queries over T cached positions (T = S and causal when mask is None)."""
+        B, H, S, _ = q_BHSX.shape
+        T = latent_BTC.shape[1]
+        kv_BHTX = self.kv_b_proj(latent_BTC).view(B, T, H, -1).transpose(1, 2)
+        k_nope, v_BHTV = kv_BHTX.split([self.nope_dim, self.v_dim], dim=-1)
+        k_BHTX = torch.cat([k_nope, k_rope_BTR.unsqueeze(1).expand(B, H, T, self.rope_dim)], dim=-1)
+        out_BHSV = F.scaled_dot_product_attention(q_BHSX, k_BHTX, v_BHTV, attn_mask=mask_B1ST,
+                                                  is_causal=mask_B1ST is None, scale=self.scale)
         return self.o_proj(out_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q_BHSX, latent_BSC, k_rope_BSR = self.project(x_BSD, cos, sin)
+        return self.attend(q_BHSX, latent_BSC, k_rope_BSR, None)
+
+    def forward_cached(self, x_BSD, cos, sin, past_latent_BPC, past_rope_BPR, mask_B1ST):
+        """Decode step: S new positions after P cached ones. Returns the output and the grown cache
+        (MLA caches C + R floats per position instead of H·(qk + v) for full keys and values)."""
+        q_BHSX, latent_BSC, k_rope_BSR = self.project(x_BSD, cos, sin)
+        latent_BTC = torch.cat([past_latent_BPC, latent_BSC], dim=1)
+        k_rope_BTR = torch.cat([past_rope_BPR, k_rope_BSR], dim=1)
+        return self.attend(q_BHSX, latent_BTC, k_rope_BTR, mask_B1ST), latent_BTC, k_rope_BTR

@@ -29,6 +29,12 @@ class Block(nn.Module):
         x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin)
         return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
 
+    def forward_cached(self, x_BSD, cos, sin, past_latent, past_rope, mask_B1ST):
+        h_BSD, latent, rope = self.self_attn.forward_cached(self.input_layernorm(x_BSD), cos, sin, past_latent,
+                                                            past_rope, mask_B1ST)
+        x_BSD = x_BSD + h_BSD
+        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD)), latent, rope
+
 
 class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -60,6 +66,36 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x_BSD = layer(x_BSD, cos, sin)
         return self.lm_head(self.model.norm(x_BSD))
+
+    def forward_cached(self, tokens_BS: torch.Tensor, attention_mask_BT: torch.Tensor,
+                       past: list[tuple[torch.Tensor, torch.Tensor]]):
+        """Incremental decoding with the MLA cache: `past[i]` = (latent [B, P, C], rope key [B, P, R])
+        of layer i; `attention_mask_BT` (T = P + S) is 1 for real tokens and 0 for left padding.
+        Returns logits_BSV and the grown cache. Positions count real tokens only, so a left-padded
+        row gets the same logits as the unpadded sequence."""
+        S = tokens_BS.shape[1]
+        P = past[0][0].shape[1]
+        positions_BT = (attention_mask_BT.cumsum(-1) - 1).clamp(min=0)
+        positions_BS = positions_BT[:, P:]
+        cos = self.rope_cos[positions_BS].unsqueeze(1)  # [B, 1, S, R/2]
+        sin = self.rope_sin[positions_BS].unsqueeze(1)
+        key_T = torch.arange(P + S, device=tokens_BS.device)
+        query_S1 = (P + torch.arange(S, device=tokens_BS.device)).unsqueeze(-1)
+        # Causal over real keys; every query also sees itself, so a padding row never attends to
+        # nothing (an all-masked row would be NaN and poison the cache of later layers).
+        allowed_BST = ((key_T <= query_S1) & attention_mask_BT.bool().unsqueeze(1)) | (key_T == query_S1)
+        mask_B1ST = allowed_BST.unsqueeze(1)
+        x_BSD = self.model.embed_tokens(tokens_BS)
+        present = []
+        for layer, (past_latent, past_rope) in zip(self.model.layers, past):
+            x_BSD, latent, rope = layer.forward_cached(x_BSD, cos, sin, past_latent, past_rope, mask_B1ST)
+            present.append((latent, rope))
+        return self.lm_head(self.model.norm(x_BSD)), present
+
+    def empty_cache(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        a = self.args
+        return [(torch.zeros(batch, 0, a.kv_lora_rank), torch.zeros(batch, 0, a.qk_rope_head_dim))
+                for _ in range(a.n_layers)]
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
