@@ -74,10 +74,14 @@ def compressed_bits_per_byte(data: bytes) -> dict[str, float]:
     return out
 
 
-@torch.no_grad()
-def score(model: Transformer, tokens: np.ndarray, byte_len: np.ndarray, seq_len: int, batch_size: int,
-          max_tokens: int) -> dict:
-    """Non-overlapping windows of seq_len+1 tokens; every target token is scored once."""
+def byte_lengths(table: list[bytes], vocab_size: int) -> np.ndarray:
+    return np.array([len(b) for b in table] + [0] * max(0, vocab_size - len(table)), dtype=np.int64)
+
+
+def score_windows(logits_fn, tokens: np.ndarray, byte_len: np.ndarray, seq_len: int, batch_size: int,
+                  max_tokens: int) -> dict:
+    """Non-overlapping windows of seq_len+1 tokens; every target token is scored once.
+    `logits_fn(x_BS int64 array) -> logits_BSV` is any model: PyTorch or ONNX Runtime."""
     if len(tokens) < 2:
         raise UserError(f"val split has {len(tokens)} tokens; at least 2 are needed to score")
     seq_len = min(seq_len, len(tokens) - 1)
@@ -85,20 +89,16 @@ def score(model: Transformer, tokens: np.ndarray, byte_len: np.ndarray, seq_len:
     starts = np.arange(n_windows) * seq_len
     nats, correct, count, n_bytes = 0.0, 0, 0, 0
     targets_seen = []
-    reset_expert_stats(model)
     for i in tqdm(range(0, n_windows, batch_size), desc="eval", unit="batch", mininterval=1.0):
-        w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts[i:i + batch_size]]).astype(np.int64))
-        x_BS, y_BS = w[:, :-1], w[:, 1:]
-        logits_BSV = model(x_BS).float()
+        w = np.stack([tokens[s:s + seq_len + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
+        x_BS, y_BS = w[:, :-1], torch.from_numpy(w[:, 1:])
+        logits_BSV = torch.as_tensor(logits_fn(x_BS)).float()
         nats += float(F.cross_entropy(logits_BSV.flatten(0, 1), y_BS.flatten(), reduction="sum"))
         correct += int((logits_BSV.argmax(-1) == y_BS).sum())
         count += y_BS.numel()
-        n_bytes += int(byte_len[y_BS.numpy()].sum())
-        targets_seen.append(y_BS.flatten().numpy())
+        n_bytes += int(byte_len[w[:, 1:]].sum())
+        targets_seen.append(w[:, 1:].reshape(-1))
     loss = nats / count
-    loads = expert_loads(model)
-    routed = sum(float(load.sum()) for load in loads)
-    dropped = sum(m.dropped_tokens for m in model.moe_layers())
     return {
         "loss": loss,
         "perplexity": math.exp(loss),
@@ -107,6 +107,19 @@ def score(model: Transformer, tokens: np.ndarray, byte_len: np.ndarray, seq_len:
         "tokens": count,
         "bytes": n_bytes,
         "targets": np.concatenate(targets_seen),
+    }
+
+
+@torch.no_grad()
+def score(model: Transformer, tokens: np.ndarray, byte_len: np.ndarray, seq_len: int, batch_size: int,
+          max_tokens: int) -> dict:
+    """score_windows of a PyTorch model, plus its expert load on the val split."""
+    reset_expert_stats(model)
+    out = score_windows(lambda x_BS: model(torch.from_numpy(x_BS)), tokens, byte_len, seq_len, batch_size, max_tokens)
+    loads = expert_loads(model)
+    routed = sum(float(load.sum()) for load in loads)
+    dropped = sum(m.dropped_tokens for m in model.moe_layers())
+    return out | {
         "expert_share": [(load / load.sum()).tolist() if load.sum() > 0 else [] for load in loads],
         "maxvio": [max_violation(load) for load in loads],
         "dropped_fraction": dropped / routed if routed else 0.0,
@@ -130,13 +143,21 @@ def inference_speed(model: Transformer, vocab_size: int, seq_len: int, batch_siz
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from
+    the parent across fork + exec, so a freshly spawned worker would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def evaluate_model(model: Transformer, val_tokens: np.ndarray, tokenizer_path: Path, batch_size: int,
                    max_tokens: int, speed_tokens: int) -> dict:
     table = token_bytes(tokenizer_path)
-    byte_len = np.array([len(b) for b in table] + [0] * max(0, model.args.vocab_size - len(table)), dtype=np.int64)
+    byte_len = byte_lengths(table, model.args.vocab_size)
     seq_len = model.args.max_seq_len
     s = score(model, val_tokens, byte_len, seq_len, batch_size, max_tokens)
     val_bytes = b"".join(table[t] for t in s.pop("targets").tolist())

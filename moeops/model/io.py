@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from moeops.cli import UserError
 from moeops.config import load_model_args, save_model_args
-from moeops.io import replace_dir
+from moeops.io import replace_dir, sha256_file
 from moeops.model.transformer import Transformer
 
 
@@ -26,8 +26,23 @@ def save_model_dir(out_dir: str | Path, model: Transformer, tokenizer_path: str 
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(save_model_args(model.args) + "\n")
     shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-    (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+    checksums = {name: sha256_file(tmp / name) for name in ("model.safetensors", "tokenizer.json")}
+    (tmp / "lineage.json").write_text(json.dumps({**lineage, "checksums": checksums}, indent=2, sort_keys=True) + "\n")
     replace_dir(tmp, out_dir)
+
+
+def verify_checksums(model_dir: str | Path) -> None:
+    """Compare each file with the sha256 its lineage.json recorded when it was written."""
+    model_dir = Path(model_dir)
+    try:
+        recorded = json.loads((model_dir / "lineage.json").read_text()).get("checksums", {})
+    except (OSError, ValueError):
+        recorded = {}
+    for name, expected in sorted(recorded.items()):
+        actual = sha256_file(model_dir / name) if (model_dir / name).is_file() else "missing"
+        if actual != expected:
+            raise UserError(f"{model_dir / name}: fails its checksum (sha256 {actual[:12]}, lineage.json records "
+                            f"{expected[:12]}); the file was changed or damaged after it was written")
 
 
 def load_model_dir(model_dir: str | Path) -> Transformer:
@@ -35,6 +50,7 @@ def load_model_dir(model_dir: str | Path) -> Transformer:
     for name in ("model.safetensors", "config.json"):
         if not (model_dir / name).is_file():
             raise UserError(f"{model_dir / name}: missing (is {model_dir} a model directory?)")
+    verify_checksums(model_dir)
     args = load_model_args(model_dir / "config.json")
     model = Transformer(args)
     try:
