@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import tokenize, train_step
+from bench import inference, tokenize, train_step
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -30,6 +30,7 @@ def main() -> None:
     runs = {
         "train_step": lambda: train_step.run("small", 16, 256, 5, torch.get_num_threads()),
         "tokenize": lambda: tokenize.run(3),
+        "inference": lambda: inference.run(),
     }
     for name in which:
         result = {"machine": machine(), "command": f"python -m bench.run {name}", **runs[name]()}

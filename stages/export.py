@@ -1,6 +1,6 @@
 """DVC stage `export`: models/student + models/quantized → exports/
-  onnx/{fp32,int8,int4}/  the decoder with KV cache for ONNX Runtime (fp32 parity-checked against
-                          PyTorch; int8/int4 as quantized), each with config.json + tokenizer.json
+  onnx/{fp32,int8,int4}/  the decoder with KV cache for ONNX Runtime, from models/quantized after
+                          checking each file's sha256 and the fp32 logits against PyTorch
   hf/                     a transformers DeepseekV3 checkpoint + tokenizer (AutoModelForCausalLM)
   triton/                 a Triton Inference Server model repository (onnxruntime backend)
   tensorrt/               a TensorRT engine cache (only on a machine with an NVIDIA GPU)
@@ -19,11 +19,10 @@ import torch
 from moeops.cli import UserError, run_main
 from moeops.config import load_section
 from moeops.export.hf import export_hf
-from moeops.export.onnx import OnnxLM, export_onnx
+from moeops.export.onnx import OnnxLM
 from moeops.export.tensorrt import build_tensorrt
 from moeops.export.triton import write_triton_repo
 from moeops.io import atomic_write_json, replace_dir
-from moeops.lineage import lineage
 from moeops.model.io import load_model_dir, verify_checksums
 from moeops.model.transformer import Transformer
 
@@ -31,6 +30,7 @@ STUDENT = Path("models/student")
 QUANTIZED = Path("models/quantized")
 OUT = Path("exports")
 METRICS = Path("metrics/export.json")
+VARIANTS = ("fp32", "int8", "int4")
 
 
 class ParityError(UserError):
@@ -57,36 +57,22 @@ def check_parity(model: Transformer, lm: OnnxLM, decode_steps: int, atol: float,
             "atol": atol}
 
 
-def variant_dir(dst: Path, onnx_file: Path, model_dir: Path) -> None:
-    dst.mkdir(parents=True)
-    shutil.copyfile(onnx_file, dst / "model.onnx")
-    for name in ("config.json", "tokenizer.json", "lineage.json"):
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, dst / name)
-
-
 def main() -> None:
     p = load_section("export")
     if p.threads:
         torch.set_num_threads(p.threads)
     model = load_model_dir(STUDENT)  # verifies model.safetensors against its recorded checksum
-    for variant in ("int8", "int4"):
+    for variant in VARIANTS:
         if not (QUANTIZED / variant / "model.onnx").is_file():
             raise UserError(f"{QUANTIZED / variant / 'model.onnx'}: missing (run the quantize stage)")
         verify_checksums(QUANTIZED / variant)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=OUT.parent, prefix=f".{OUT.name}.tmp-"))
     try:
-        fp32 = tmp / "onnx" / "fp32"
-        fp32.mkdir(parents=True)
-        export_onnx(model, fp32 / "model.onnx")
-        for name in ("config.json", "tokenizer.json"):
-            shutil.copyfile(STUDENT / name, fp32 / name)
-        atomic_write_json(fp32 / "lineage.json", lineage([STUDENT / "model.safetensors"], p.model_dump(), "export"))
-        parity = check_parity(model, OnnxLM(fp32 / "model.onnx", threads=p.threads), p.parity_decode_steps,
-                              p.parity_atol)
-        for variant in ("int8", "int4"):
-            variant_dir(tmp / "onnx" / variant, QUANTIZED / variant / "model.onnx", QUANTIZED / variant)
+        for variant in VARIANTS:
+            shutil.copytree(QUANTIZED / variant, tmp / "onnx" / variant)
+        parity = check_parity(model, OnnxLM(tmp / "onnx" / "fp32" / "model.onnx", threads=p.threads),
+                              p.parity_decode_steps, p.parity_atol)
         export_hf(STUDENT, tmp / "hf")
         write_triton_repo(tmp / "onnx" / p.triton_variant / "model.onnx", tmp / "triton", "moeops",
                           p.triton_max_batch_size, p.triton_max_queue_delay_us)
@@ -95,7 +81,7 @@ def main() -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    sizes = {v: (OUT / "onnx" / v / "model.onnx").stat().st_size for v in ("fp32", "int8", "int4")}
+    sizes = {v: (OUT / "onnx" / v / "model.onnx").stat().st_size for v in VARIANTS}
     atomic_write_json(METRICS, {"parity": parity, "onnx_bytes": sizes, "tensorrt": tensorrt,
                                 "triton_variant": p.triton_variant})
     print(f"export: {OUT}/onnx (fp32 parity prefill {parity['prefill_max_abs_diff']:.1e}, "

@@ -16,7 +16,6 @@ back by Σw (which also carries norm_topk_prob and routed_scaling_factor).
 from __future__ import annotations
 
 import copy
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +61,13 @@ def _moe_schema() -> onnx.defs.OpSchema:
     """The part of ORT's com.microsoft MoE schema this export uses (onnx ships no contrib schemas,
     and the exporter's tracer needs one to bind inputs and attributes)."""
     S = onnx.defs.OpSchema
-    opt = S.FormalParameterOption.Optional
-    inputs = [S.FormalParameter(name, "T", param_option=opt if name.endswith("bias") else S.FormalParameterOption.Single)
-              for name in ("input", "router_probs", "fc1_experts_weights", "fc1_experts_bias", "fc2_experts_weights")]
-    attrs = [S.Attribute("k", S.AttrType.INT, ""), S.Attribute("activation_type", S.AttrType.STRING, ""),
-             S.Attribute("swiglu_fusion", S.AttrType.INT, ""), S.Attribute("normalize_routing_weights", S.AttrType.INT, ""),
-             S.Attribute("activation_alpha", S.AttrType.FLOAT, ""), S.Attribute("activation_beta", S.AttrType.FLOAT, "")]
+    P = S.FormalParameterOption
+    names = ("input", "router_probs", "fc1_experts_weights", "fc1_experts_bias", "fc2_experts_weights")
+    inputs = [S.FormalParameter(n, "T", param_option=P.Optional if n.endswith("bias") else P.Single) for n in names]
+    attrs = [S.Attribute(name, kind, "") for name, kind in [
+        ("k", S.AttrType.INT), ("activation_type", S.AttrType.STRING), ("swiglu_fusion", S.AttrType.INT),
+        ("normalize_routing_weights", S.AttrType.INT), ("activation_alpha", S.AttrType.FLOAT),
+        ("activation_beta", S.AttrType.FLOAT)]]
     return S("MoE", "com.microsoft", 1, inputs=inputs, outputs=[S.FormalParameter("output", "T")],
              type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")], attributes=attrs)
 
