@@ -265,10 +265,73 @@ def check_layout(p: PretrainParams, args: ModelArgs) -> None:
                          "stages; set model.seq_aux_alpha and model.z_loss_alpha to 0")
 
 
+class DistillParams(Section):
+    """Knowledge distillation of models/teacher into a smaller student (moeops/train/distill.py,
+    moeops/compress/student.py), plus the same student trained from scratch on CE (`baseline`)."""
+
+    student: dict[str, Any] = dict(dim=128, n_layers=2, inter_dim=384, moe_inter_dim=64, n_routed_experts=8,
+                                   top_k=2, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=64)
+    init: Literal["scratch", "teacher"] = "scratch"
+    teacher_layers: list[int] = []  # init teacher: the teacher layer of each student layer; [] = evenly spaced
+    expert_init: Literal["subset", "merge"] = "merge"  # init teacher: evenly spaced experts, or group means
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.8, ge=0, le=1)  # weight of T²·KL; 1 - alpha on the cross-entropy
+    kl: Literal["forward", "reverse"] = "forward"  # KL(teacher‖student) or KL(student‖teacher)
+    baseline: bool = True  # also train the student from scratch on CE only, same token budget
+    seed: int = 0
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seq_len: int = Field(256, ge=2)
+    lr: float = Field(4e-3, gt=0)
+    min_lr: float = Field(4e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    bias_update_speed: float = Field(0.01, ge=0)
+    bf16: bool = False
+    threads: int = Field(0, ge=0)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _combos(self):
+        fields = {f.name: f for f in dataclasses.fields(ModelArgs)}
+        for key, value in self.student.items():
+            if key not in fields:
+                raise ValueError(f"student.{key}: unknown model field")
+            if key == "vocab_size":
+                raise ValueError("student.vocab_size: the teacher's tokenizer sets it")
+            if key == "max_seq_len":
+                raise ValueError("student.max_seq_len: set by distill.seq_len")
+            kind = type(fields[key].default)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"student.{key}: expected {kind.__name__}, got {value!r}")
+        if any(i < 0 for i in self.teacher_layers) or len(set(self.teacher_layers)) < len(self.teacher_layers):
+            raise ValueError(f"teacher_layers: must be distinct layer indices >= 0, got {self.teacher_layers}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr: {self.min_lr} > lr {self.lr}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} > steps {self.steps}")
+        return self
+
+    def training(self) -> PretrainParams:
+        """The training keys as the params of the pretraining loop (one process; the architecture
+        and the objective are given to `pretrain` separately)."""
+        keys = set(PretrainParams.model_fields) & set(type(self).model_fields)
+        return PretrainParams.model_construct(**{k: getattr(self, k) for k in keys})
+
+
 class EvaluateParams(Section):
     batch_size: int = Field(8, ge=1)
     max_tokens: int = Field(200_000, ge=1)  # cap on val tokens scored (0 would mean nothing)
     speed_tokens: int = Field(4096, ge=1)  # tokens timed for inference tokens/s
+    decode_prompt_len: int = Field(64, ge=1)  # every variant: prefill latency of this prompt ...
+    decode_new_tokens: int = Field(32, ge=1)  # ... then decode tokens/s over this many cached steps
     threads: int = Field(0, ge=0)
 
 
@@ -307,6 +370,7 @@ SECTIONS: dict[str, type[Section]] = {
     "corpus": CorpusParams,
     "prepare": PrepareParams,
     "pretrain": PretrainParams,
+    "distill": DistillParams,
     "quantize": QuantizeParams,
     "export": ExportParams,
     "evaluate": EvaluateParams,

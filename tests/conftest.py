@@ -19,7 +19,13 @@ DEBUG_PARAMS = {
     "prepare": {"vocab_size": 384, "val_fraction": 0.2, "val_fraction_tolerance": 0.2},
     "pretrain": {"flavor": "debug", "steps": 30, "batch_size": 8, "seq_len": 64, "warmup_steps": 5,
                  "checkpoint_every": 5, "keep_checkpoints": 2, "log_every": 5, "threads": 1, "lr": 0.003},
-    "evaluate": {"batch_size": 8, "max_tokens": 4096, "speed_tokens": 512, "threads": 1},
+    "distill": {"student": {"dim": 32, "inter_dim": 64, "moe_inter_dim": 16, "n_routed_experts": 4}, "steps": 12,
+                "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 4,
+                "threads": 1},
+    "quantize": {"int4_block_size": 16, "threads": 1},  # debug kv_lora_rank is 16
+    "export": {"threads": 1},
+    "evaluate": {"batch_size": 8, "max_tokens": 4096, "speed_tokens": 512, "decode_prompt_len": 16,
+                 "decode_new_tokens": 8, "threads": 1},
 }
 
 

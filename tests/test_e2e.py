@@ -52,14 +52,20 @@ def repo_copy(tmp_path_factory) -> Path:
 def test_dvc_repro_runs_every_stage_then_caches(repo_copy):
     sh(DVC, "repro", cwd=repo_copy)
     lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"corpus", "prepare", "pretrain", "evaluate"}
+    assert set(lock["stages"]) == {"corpus", "prepare", "pretrain", "distill", "quantize", "export", "evaluate"}
     ev = json.loads((repo_copy / "metrics/eval.json").read_text())
     assert ev["val"]["bits_per_byte"] > 0
+    assert set(ev["variants"]) == {"teacher", "student", "baseline", "onnx_fp32", "onnx_int8", "onnx_int4"}
+    v = ev["variants"]
+    assert v["onnx_fp32"]["bits_per_byte"] == pytest.approx(v["student"]["bits_per_byte"], rel=1e-4)
+    assert v["onnx_int8"]["file_bytes"] < v["onnx_fp32"]["file_bytes"]
     for path in ("models/teacher/model.safetensors", "data/prepared/train.bin", "reports/data/summary.json",
-                 "plots/expert_load.png", "dvclive/pretrain/plots/metrics/train/loss.tsv"):
+                 "plots/expert_load.png", "dvclive/pretrain/plots/metrics/train/loss.tsv",
+                 "models/student/model.safetensors", "models/baseline/model.safetensors",
+                 "exports/onnx/int4/model.onnx", "exports/hf/config.json", "exports/triton/moeops/config.pbtxt"):
         assert (repo_copy / path).is_file(), path
     again = sh(DVC, "repro", cwd=repo_copy)
-    assert "Running stage 'pretrain'" not in again.stdout and "Running stage 'prepare'" not in again.stdout
+    assert "Running stage" not in again.stdout.replace("Running stage 'corpus'", "")
     shown = json.loads(sh(DVC, "metrics", "show", "--json", cwd=repo_copy).stdout)
     assert "metrics/eval.json" in json.dumps(shown)
     # A changed source file re-runs prepare and everything after it.

@@ -28,7 +28,7 @@ from deepspeed.utils import groups
 from tqdm import tqdm
 
 from moeops.cli import UserError
-from moeops.config import PretrainParams
+from moeops.config import ModelArgs, PretrainParams
 from moeops.model.transformer import (
     Transformer,
     build_model,
@@ -108,21 +108,25 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def run_id(p: PretrainParams, data_meta: dict) -> str:
-    """Checkpoints are only resumed by a run with the same weight-affecting params, data and code."""
+def run_id(p: PretrainParams, data_meta: dict, extra: dict | None = None) -> str:
+    """Checkpoints are only resumed by a run with the same weight-affecting params, data and code
+    (and `extra`: what else decides the weights, e.g. the architecture and the teacher of a student)."""
     params = {k: v for k, v in p.model_dump().items() if k not in NOT_WEIGHT_KEYS}
-    blob = json.dumps({"params": params, "data": data_meta, "code": code_fingerprint()}, sort_keys=True)
+    run = {"params": params, "data": data_meta, "code": code_fingerprint()}
+    if extra is not None:
+        run["extra"] = extra
+    blob = json.dumps(run, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def find_resume(ckpt_dir: Path, rid: str, layout: Layout) -> Path | None:
+def find_resume(ckpt_dir: Path, rid: str, layout: Layout, name: str = "pretrain") -> Path | None:
     """The newest checkpoint of this run. Rank 0 first deletes those of other runs (other params,
     data or code) and half-written ones, so that rotation never mixes runs."""
     if layout.rank == 0:
         clean_partial(ckpt_dir)
         for ckpt in list_checkpoints(ckpt_dir):
             if read_state(ckpt).get("run_id") != rid:
-                print(f"pretrain: discarding {ckpt} (other params, data or code)")
+                print(f"{name}: discarding {ckpt} (other params, data or code)")
                 shutil.rmtree(ckpt)
     dist.barrier()
     ckpts = list_checkpoints(ckpt_dir)
@@ -177,17 +181,28 @@ def check_train_tokens(p: PretrainParams, train_tokens: np.ndarray) -> None:
 
 
 def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_meta: dict, ckpt_dir: Path,
-             live_dir: Path | None = None, loss_hook=None) -> TrainResult:
+             live_dir: Path | None = None, loss_hook=None, *, args: ModelArgs | None = None,
+             init_state: dict[str, torch.Tensor] | None = None, objective=None, run_extra: dict | None = None,
+             name: str = "pretrain") -> TrainResult:
     """Train (or resume) to p.steps on this process's share of the layout in `p`, logging to dvclive
-    in `live_dir` from rank 0 (None: no logging). `loss_hook(step, loss)` lets tests inject faults."""
+    in `live_dir` from rank 0 (None: no logging). `loss_hook(step, loss)` lets tests inject faults.
+
+    A student (moeops/train/distill.py) is trained by the same loop: `args` replaces the architecture
+    of p's flavor, `init_state` the random init, `objective(x_BS, y_BS, logits_BSV) -> (loss, ce)` the
+    cross-entropy (with pipeline stages there is no whole-model logits tensor: refused), and
+    `run_extra` (e.g. the teacher's hash) joins the checkpoints' run id."""
     check_train_tokens(p, train_tokens)
+    if objective is not None and p.pp_size > 1:
+        raise ValueError("pretrain: a custom objective needs pp_size 1")
     layout = init_distributed(p)
     rank0 = layout.rank == 0
     threads = setup_determinism(p.seed, p.threads)
-    args = p.model_args(vocab_size)
+    args = args or p.model_args(vocab_size)
     model = build_model(args, seed=p.seed).train()
-    rid = run_id(p, data_meta)
-    ckpt = find_resume(ckpt_dir, rid, layout)
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
+    rid = run_id(p, data_meta, run_extra)
+    ckpt = find_resume(ckpt_dir, rid, layout, name)
     state, moments = {}, {}
     if ckpt is not None:
         def load(weights, moments_, state_):
@@ -199,7 +214,7 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
             moments.update(moments_)
         state = load_checkpoint(ckpt, load)
         if rank0:
-            print(f"pretrain: resumed from {ckpt} (step {state['step']})")
+            print(f"{name}: resumed from {ckpt} (step {state['step']})")
     start = state.get("step", 0)
     micro = p.batch_size // layout.dp_size
     rows = slice(layout.dp_rank * micro, (layout.dp_rank + 1) * micro)
@@ -259,12 +274,13 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
             if layout.pp_size > 1:  # the pipeline runs all micro-batches, reduces and steps
                 step_loss = float(engine.train_batch(iter([batch(step, m) for m in range(p.grad_accum)])))
                 step_aux = 0.0  # refused with pipelines (see moeops.config.check_layout)
+                step_objective = step_loss
                 if not math.isfinite(step_loss):
                     raise TrainingDiverged(f"pretrain: loss is {step_loss} at step {step}; stopped "
                                            f"({last_good(ckpt_dir)})")
             else:
-                step_loss, step_aux = _data_parallel_step(engine, model, batch, step, p, layout, autocast, compress,
-                                                          loss_hook, ckpt_dir)
+                step_loss, step_aux, step_objective = _data_parallel_step(
+                    engine, model, batch, step, p, layout, autocast, compress, loss_hook, ckpt_dir, objective)
             if zero:  # ZeRO clips inside its step, so a NaN gradient is caught one step late
                 check_grad_norm(float(engine.get_global_grad_norm()))
             allreduce_expert_loads(model, layout)
@@ -286,6 +302,8 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
                     live.log_metric("train/grad_norm", grad_norm)
                     live.log_metric("train/tokens_per_s", tok_s)
                     live.log_metric("train/balance_loss", step_aux)
+                    if objective is not None:
+                        live.log_metric("train/objective", step_objective)
                     for i, v in enumerate(maxvio):
                         live.log_metric(f"expert_load/maxvio_layer{i + args.first_k_dense_replace}", v)
             if done % p.checkpoint_every == 0 or done == p.steps:
@@ -329,22 +347,27 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
 
 
 def _data_parallel_step(engine, model, batch, step: int, p: PretrainParams, layout: Layout, autocast, compress,
-                        loss_hook, ckpt_dir: Path) -> tuple[float, float]:
+                        loss_hook, ckpt_dir: Path, objective=None) -> tuple[float, float, float]:
     """Forward and backward over the micro-batches, then the optimizer step. Returns the global
-    batch's cross-entropy and balance loss."""
-    step_loss, step_aux = 0.0, 0.0
+    batch's cross-entropy, balance loss and objective (the loss minimized, before the balance loss)."""
+    step_loss, step_aux, step_objective = 0.0, 0.0, 0.0
     for m in range(p.grad_accum):
         x_BS, y_BS = batch(step, m)
         with autocast:
             logits_BSV = engine(x_BS)
-        ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.flatten())
+        if objective is None:
+            ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.flatten())
+            main = ce
+        else:
+            main, ce = objective(x_BS, y_BS, logits_BSV)
         aux = model.aux_loss()
-        loss = ce + aux
+        loss = main + aux
         if loss_hook is not None:
             loss = loss_hook(step, loss)
         # One all-reduce for the global batch's loss, cross-entropy and balance loss.
-        global_loss, global_ce, global_aux = _global_mean(
-            torch.stack([loss.detach(), ce.detach(), torch.as_tensor(aux).detach().float()]), layout).tolist()
+        global_loss, global_ce, global_aux, global_main = _global_mean(
+            torch.stack([loss.detach(), ce.detach(), torch.as_tensor(aux).detach().float(), main.detach()]),
+            layout).tolist()
         if not math.isfinite(global_loss):
             raise TrainingDiverged(f"pretrain: loss is {global_loss} at step {step}; stopped ({last_good(ckpt_dir)})")
         engine.backward(loss)
@@ -354,7 +377,8 @@ def _data_parallel_step(engine, model, batch, step: int, p: PretrainParams, layo
         engine.step()  # clips (exact_clipping) and steps after the last micro-batch
         step_loss += global_ce / p.grad_accum
         step_aux += global_aux / p.grad_accum
-    return step_loss, step_aux
+        step_objective += global_main / p.grad_accum
+    return step_loss, step_aux, step_objective
 
 
 def last_good(ckpt_dir: Path) -> str:

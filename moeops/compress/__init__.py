@@ -1,0 +1,1 @@
+"""Model compression: student construction for distillation (student.py) and quantization."""
