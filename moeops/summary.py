@@ -12,6 +12,19 @@ def read(path: str) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+def variants_table(variants: dict[str, dict]) -> str:
+    """Markdown table of every evaluated variant (also pasted into BENCHMARKS.md)."""
+    rows = ["| variant | runtime | params | file MB | val bits/byte | top-1 | prefill ms b1 / b8 | "
+            "decode tok/s b1 / b8 | peak RSS MB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, v in variants.items():
+        s1, s8 = v["speed"]["batch1"], v["speed"]["batch8"]
+        rows.append(f"| {name} | {v['runtime']} | {v['params_total'] / 1e6:.2f} M | {v['file_bytes'] / 1e6:.2f} | "
+                    f"{v['bits_per_byte']:.4f} | {v['top1_accuracy']:.3f} | {s1['prefill_ms']:.1f} / "
+                    f"{s8['prefill_ms']:.1f} | {s1['decode_tokens_per_s']:,.0f} / {s8['decode_tokens_per_s']:,.0f} | "
+                    f"{v['peak_rss_mb']:,.0f} |")
+    return "\n".join(rows)
+
+
 def summary() -> str:
     ev, pre, data = read("metrics/eval.json"), read("metrics/pretrain.json"), read("metrics/data.json")
     if not ev:
@@ -23,6 +36,8 @@ def summary() -> str:
     beat = "beats" if v["bits_per_byte"] < ref["xz_9e"] else "does NOT beat"
     lines.append(f"  the teacher {beat} xz -9e")
     lines.append(f"val loss {v['loss']:.4f}, perplexity {v['perplexity']:.2f}, top-1 {v['top1_accuracy']:.3f}")
+    if ev.get("variants"):
+        lines += ["", variants_table(ev["variants"]), ""]
     if pre:
         lines.append(f"training: {pre['tokens']:,} tokens, {pre['tokens_per_s']:,.0f} tokens/s, "
                      f"{pre['train_seconds']:.0f} s; {pre['params_total']:,} params ({pre['params_active']:,} active)")
@@ -32,7 +47,10 @@ def summary() -> str:
         lines.append(f"data: {splits}; skipped: {skipped}; tokenizer {data['tokenizer_seconds']:.1f} s, "
                      f"encode {data['encode_seconds']:.1f} s")
     lines.append("reports: reports/data/docs/index.html (GX Data Docs), reports/data/summary.json, "
-                 "dvclive/pretrain (training curves), plots/expert_load.png, metrics/*.json; `dvc plots show`")
+                 "dvclive/{pretrain,distill} (training curves), plots/expert_load.png, metrics/*.json; "
+                 "`dvc plots show`")
+    lines.append("models: models/{teacher,student,baseline}, exports/onnx/{fp32,int8,int4} (ONNX Runtime, KV cache), "
+                 "exports/hf (transformers), exports/triton; try `python -m moeops.generate --prompt 'def '`")
     return "\n".join(lines)
 
 

@@ -92,3 +92,24 @@ def test_generation_greedy_and_top_p_match_pytorch(exported):
     assert sampled == generate(torch_step(model), prompts, 12, temperature=0.9, top_p=0.8, seed=7)
     assert sampled != generate(lm.step, prompts, 12, temperature=0.9, top_p=0.8, seed=8)
     assert all(len(g) == 12 for g in greedy + sampled)
+
+
+def test_export_of_a_model_that_fails_its_checksum_is_one_line_and_writes_nothing(tmp_path):
+    from conftest import run_stage
+    from tokenizers import Tokenizer, models
+
+    from moeops.model.io import save_model_dir
+
+    tok = tmp_path / "tok.json"
+    Tokenizer(models.BPE()).save(str(tok))
+    model = build_model(make_model_args("debug", {}), seed=0)
+    save_model_dir(tmp_path / "models/student", model, tok, {"stage": "test"})
+    weights = tmp_path / "models/student/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)  # same size, still a loadable safetensors file, different weights
+    weights.write_bytes(bytes(data))
+    (tmp_path / "params.yaml").write_text("export: {threads: 1}\n")
+    proc = run_stage("export", tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "fails its checksum" in proc.stderr, proc.stderr
+    assert not (tmp_path / "exports").exists() and not (tmp_path / "metrics/export.json").exists()
