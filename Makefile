@@ -27,7 +27,7 @@ pipeline: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 flow: $(BIN)/.installed
 	$(BIN)/python -m flows.pipeline

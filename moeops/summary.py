@@ -16,7 +16,8 @@ def variants_table(variants: dict[str, dict]) -> str:
     """Markdown table of every evaluated variant (also pasted into BENCHMARKS.md)."""
     rows = ["| variant | runtime | params | file MB | val bits/byte | top-1 | prefill ms b1 / b8 | "
             "decode tok/s b1 / b8 | peak RSS MB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, v in variants.items():
+    order = ["teacher", "student", "baseline", "onnx_fp32", "onnx_int8", "onnx_int4"]
+    for name, v in sorted(variants.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         s1, s8 = v["speed"]["batch1"], v["speed"]["batch8"]
         rows.append(f"| {name} | {v['runtime']} | {v['params_total'] / 1e6:.2f} M | {v['file_bytes'] / 1e6:.2f} | "
                     f"{v['bits_per_byte']:.4f} | {v['top1_accuracy']:.3f} | {s1['prefill_ms']:.1f} / "

@@ -64,6 +64,10 @@ def test_dvc_repro_runs_every_stage_then_caches(repo_copy):
                  "models/student/model.safetensors", "models/baseline/model.safetensors",
                  "exports/onnx/int4/model.onnx", "exports/hf/config.json", "exports/triton/moeops/config.pbtxt"):
         assert (repo_copy / path).is_file(), path
+    for args in ([], ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]):  # the CLI over the int8 export
+        out = sh(sys.executable, "-m", "moeops.generate", "--prompt", "def alpha", "--max-new-tokens", "8", *args,
+                 cwd=repo_copy).stdout
+        assert out.startswith("def alpha")
     again = sh(DVC, "repro", cwd=repo_copy)
     assert "Running stage" not in again.stdout.replace("Running stage 'corpus'", "")
     shown = json.loads(sh(DVC, "metrics", "show", "--json", cwd=repo_copy).stdout)
