@@ -74,11 +74,15 @@ def test_dvc_repro_runs_every_stage_then_caches(repo_copy):
     assert "metrics/eval.json" in json.dumps(shown)
     # A changed source file re-runs prepare and everything after it.
     corpus = Path(yaml.safe_load((repo_copy / "params.yaml").read_text())["corpus"]["source"])
-    with open(corpus / "mod_000.py", "a") as f:
-        f.write("\n# changed\n")
+    original = (corpus / "mod_000.py").read_text()
+    (corpus / "mod_000.py").write_text(original + "\n# changed\n")
     sh(DVC, "repro", "corpus", cwd=repo_copy)
     status = sh(DVC, "status", cwd=repo_copy, check=False).stdout
     assert "prepare" in status and "changed deps" in status
+    # Changed back: everything is cached again (the flow test below runs over this repo).
+    (corpus / "mod_000.py").write_text(original)
+    sh(DVC, "repro", "corpus", cwd=repo_copy)
+    assert "changed deps" not in sh(DVC, "status", cwd=repo_copy, check=False).stdout
 
 
 @pytest.mark.slow
