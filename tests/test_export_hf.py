@@ -64,6 +64,11 @@ def test_export_loads_with_auto_classes_and_writes_the_expected_files(exported):
     assert {p.name for p in hf_dir.iterdir()} == {
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
         "special_tokens_map.json", "lineage.json"}
+    from moeops.model.io import verify_checksums
+
+    verify_checksums(hf_dir)  # lineage.json carries the export's own checksums
+    checksums = json.loads((hf_dir / "lineage.json").read_text())["checksums"]
+    assert set(checksums) == {"model.safetensors", "tokenizer.json"}
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and config["dtype"] == "float32"
     assert "auto_map" not in config  # nothing for trust_remote_code to run

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from moeops.cli import UserError
 from moeops.config import ModelArgs
-from moeops.io import replace_dir
+from moeops.io import replace_dir, sha256_file
 from moeops.model.hf import hf_config_dict
 from moeops.model.io import load_model_dir
 from moeops.model.transformer import Transformer
@@ -138,8 +138,11 @@ def export_hf(model_dir: Path, out_dir: Path) -> None:
         write_json(tmp / "tokenizer_config.json", tok_config)
         write_json(tmp / "special_tokens_map.json", {k: tok_config[k] for k in
                                                      ("bos_token", "eos_token", "unk_token", "pad_token")})
-        if (model_dir / "lineage.json").is_file():  # the export describes itself like its source
-            shutil.copyfile(model_dir / "lineage.json", tmp / "lineage.json")
+        if (model_dir / "lineage.json").is_file():  # the export describes itself like its source ...
+            record = json.loads((model_dir / "lineage.json").read_text())
+            # ... with the checksums of its own files (verify_checksums reads them)
+            record["checksums"] = {n: sha256_file(tmp / n) for n in ("model.safetensors", "tokenizer.json")}
+            write_json(tmp / "lineage.json", record)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
