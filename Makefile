@@ -32,8 +32,10 @@ test: $(BIN)/.installed
 flow: $(BIN)/.installed
 	$(BIN)/python -m flows.pipeline
 
+# A real Prefect server (SQLite in .prefect/, or Postgres via PREFECT_SERVER_DATABASE_CONNECTION_URL) on
+# 127.0.0.1:4200, serving the scheduled `pipeline/retrain` deployment. Ctrl-C stops both.
 ui: $(BIN)/.installed
-	$(BIN)/prefect server start
+	$(BIN)/python -m flows.retrain --server
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.run

@@ -1,8 +1,10 @@
-"""The DVC pipeline as a Prefect flow: one task per dvc.yaml stage, in order, then the eval metrics.
+"""The DVC pipeline as a Prefect flow: one task per dvc.yaml stage, in order, then the eval metrics
+and, when the gate stage ran, promotion (flows.promote).
 
 DVC owns the DAG and the caching; this flow adds retries, a per-stage timeout, run history and
-logs in the Prefect UI, and a table artifact of metrics/eval.json. `python -m flows.pipeline`
-runs it on Prefect's ephemeral API (no server needed).
+logs in the Prefect UI, a table artifact of metrics/eval.json and a markdown artifact of the gate's
+decision. `python -m flows.pipeline` runs it on Prefect's ephemeral API (no server needed);
+flows.retrain serves it on a schedule.
 
 Why each stage runs in its own process group: Prefect only signals the flow process on a cancel,
 so child processes are orphaned (PrefectHQ/prefect#20979, #17593), and a sync task's timeout
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import io
 import json
 import logging
@@ -44,6 +47,7 @@ KILL_GRACE_S = 10.0  # between SIGTERM and SIGKILL of a stage's process group
 TAIL_LINES = 200  # output lines kept to explain a failure
 PROGRESS_EVERY_S = 30.0  # log a progress bar (a line ended by a bare \r) at most this often
 ERROR_LINES = 5  # at most this many error lines in a failure message
+GATE_STAGE, GATE = "gate", Path("metrics/gate.json")
 
 
 class StageFailed(RuntimeError):
@@ -142,7 +146,8 @@ def run_stage(stage: str, repo: Path, timeout_s: float) -> None:
     proc = subprocess.Popen(cmd, cwd=repo, env=_stage_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     stream = io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline="")
-    reader = threading.Thread(target=_pump, args=(stream, logger, tail), daemon=True)
+    # The reader logs in the run's context (its Prefect settings and run ids), not a bare thread's.
+    reader = threading.Thread(target=contextvars.copy_context().run, args=(_pump, stream, logger, tail), daemon=True)
     reader.start()
     try:
         try:
@@ -221,16 +226,21 @@ def select_stages(repo: Path, stages: list[str] | None) -> list[str]:
 
 
 @flow(name="pipeline")
-def pipeline(repo: str = ".", stages: list[str] | None = None) -> dict[str, Any]:
+def pipeline(repo: str = ".", stages: list[str] | None = None, promote: bool = True) -> dict[str, Any]:
     """Run the DVC stages of `repo` in order (all of dvc.yaml by default; a given list runs as
-    listed, each stage alone), then publish metrics/eval.json. Returns the metrics."""
+    listed, each stage alone), publish metrics/eval.json, then act on the gate's decision when the
+    gate stage ran and `promote` is on. Returns {"eval": metrics, "promotion": result or None}."""
+    from flows.promote import promote_task
+
     root = Path(repo).resolve()
     params = load_section("flow", root / "params.yaml")
     todo = select_stages(root, stages)
     stage_task = run_stage.with_options(retries=params.retries, retry_delay_seconds=params.retry_delay_s)
     for stage in todo:
         stage_task(stage, root, params.stage_timeout_s)
-    return publish_metrics(root / "metrics" / "eval.json")
+    metrics = publish_metrics(root / "metrics" / "eval.json")
+    promotion = promote_task(root / GATE, root) if promote and GATE_STAGE in todo else None
+    return {"eval": metrics, "promotion": promotion}
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -241,20 +251,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("stages", nargs="*", help="stages to run, in this order (default: all of dvc.yaml)")
     parser.add_argument("--repo", default=".", help="the DVC repository (default: the current directory)")
+    parser.add_argument("--no-promote", action="store_true", help="do not act on the gate's decision")
     args = parser.parse_args(argv)
     repo, stages = Path(args.repo), args.stages or None
     try:
         # Bad params or stage names: one line before any flow run starts, not a failed run.
         load_section("flow", repo / "params.yaml")
         select_stages(repo, stages)
-        metrics = pipeline(repo=str(repo), stages=stages)
+        result = pipeline(repo=str(repo), stages=stages, promote=not args.no_promote)
     except (UserError, StageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code if isinstance(e, UserError) else 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    for key, value in flatten(metrics).items():
+    for key, value in flatten(result).items():
         print(f"{key}: {value}")
 
 

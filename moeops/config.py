@@ -360,10 +360,44 @@ class ExportParams(Section):
     threads: int = Field(0, ge=0)
 
 
+class GateParams(Section):
+    candidate: Literal["onnx_fp32", "onnx_int8", "onnx_int4"] = "onnx_int8"  # a variant in exports/onnx
+    max_bits_per_byte: float = Field(2.0, gt=0)  # the candidate's val bits-per-byte (per-document scoring)
+    max_p95_latency_ms: float = Field(20.0, gt=0)  # one cached decode step at batch 1 (metrics/eval.json)
+    max_file_mb: float = Field(16.0, gt=0)  # the candidate's model.onnx
+    max_parity_error: float = Field(1e-4, gt=0)  # ONNX Runtime vs PyTorch logits (metrics/export.json)
+    max_regression: float = Field(0.01, ge=0)  # relative bits-per-byte increase over the champion ...
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # ... allowed at this one-sided bootstrap confidence
+    bootstrap_samples: int = Field(2000, ge=100)
+    seed: int = 0
+    max_tokens: int = Field(400_000, ge=1)  # val documents are scored in order until this many tokens
+    batch_size: int = Field(8, ge=1)
+    threads: int = Field(0, ge=0)
+
+
+class RegistryParams(Section):
+    root: str = Field("registry", min_length=1)  # the filesystem store (a shared path for a team)
+    name: str = Field("moeops", pattern=r"^[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?$")  # also the GTO artifact name
+    gto_tags: Literal["auto", "off"] = "auto"  # auto: GTO tags on promote/rollback inside a git repository
+
+
 class FlowParams(Section):
     retries: int = Field(1, ge=0)
     retry_delay_s: float = Field(5.0, ge=0)
     stage_timeout_s: float = Field(3600.0, gt=0)
+    retrain_cron: str = "0 3 * * 1"  # the `retrain` deployment's schedule (cron, in retrain_timezone)
+    retrain_timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        from prefect.client.schemas.schedules import CronSchedule  # only the flows read this section
+
+        try:
+            CronSchedule(cron=self.retrain_cron, timezone=self.retrain_timezone)
+        except ValidationError as e:
+            key = "retrain_timezone" if "timezone" in str(e) else "retrain_cron"
+            raise ValueError(f"{key}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return self
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -374,6 +408,8 @@ SECTIONS: dict[str, type[Section]] = {
     "quantize": QuantizeParams,
     "export": ExportParams,
     "evaluate": EvaluateParams,
+    "gate": GateParams,
+    "registry": RegistryParams,
     "flow": FlowParams,
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ DEBUG_PARAMS = {
     "export": {"threads": 1},
     "evaluate": {"batch_size": 8, "max_tokens": 4096, "speed_tokens": 512, "decode_prompt_len": 16,
                  "decode_new_tokens": 8, "threads": 1},
+    "gate": {"max_bits_per_byte": 8.0, "max_p95_latency_ms": 1000.0, "max_tokens": 4096, "bootstrap_samples": 500,
+             "threads": 1},
 }
 
 
@@ -65,16 +68,30 @@ def run_stage(name: str, cwd: Path, check: bool = True, **kw) -> subprocess.Comp
     return proc
 
 
-@pytest.fixture(scope="session")
-def prefect_api():
-    """One Prefect test server for the session (~15 s to start on 2 cores)."""
-    from prefect.testing.utilities import prefect_test_harness
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real Prefect server (`prefect server start`, SQLite in a temp PREFECT_HOME) on loopback for
+    the session (~20 s to start on 2 cores); this process and its children talk to it."""
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.retrain import prefect_server
+
+    home = tmp_path_factory.mktemp("prefect")
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
         mp.setenv("DVC_NO_ANALYTICS", "1")
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from the test server
-        with prefect_test_harness():
-            yield
+        with prefect_server(port=free_port(), ui=False, log=home / "server.log") as api_url:
+            mp.setenv("PREFECT_API_URL", api_url)
+            with temporary_settings(updates={PREFECT_API_URL: api_url}):
+                yield api_url
+                APILogWorker.drain_all(timeout=5)  # send the last logs while the server is still up
 
 
 @pytest.fixture(scope="session")

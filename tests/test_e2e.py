@@ -1,13 +1,16 @@
 """End to end: `dvc repro` of a copy of this repository with the debug flavor on a small
-generated corpus, then the Prefect flow over the same copy."""
+generated corpus, then the served `retrain` deployment over the same copy: gate, registry, GTO tags."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +55,7 @@ def repo_copy(tmp_path_factory) -> Path:
 def test_dvc_repro_runs_every_stage_then_caches(repo_copy):
     sh(DVC, "repro", cwd=repo_copy)
     lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"corpus", "prepare", "pretrain", "distill", "quantize", "export", "evaluate"}
+    assert set(lock["stages"]) == {"corpus", "prepare", "pretrain", "distill", "quantize", "export", "evaluate", "gate"}
     ev = json.loads((repo_copy / "metrics/eval.json").read_text())
     assert ev["val"]["bits_per_byte"] > 0
     assert set(ev["variants"]) == {"teacher", "student", "baseline", "onnx_fp32", "onnx_int8", "onnx_int4"}
@@ -68,8 +71,13 @@ def test_dvc_repro_runs_every_stage_then_caches(repo_copy):
         out = sh(sys.executable, "-m", "moeops.generate", "--prompt", "def alpha", "--max-new-tokens", "8", *args,
                  cwd=repo_copy).stdout
         assert out.startswith("def alpha")
+    gate = json.loads((repo_copy / "metrics/gate.json").read_text())
+    assert gate["decision"] == "promote" and gate["champion"] is None  # empty registry: budgets only
+    assert [r["verdict"] for r in gate["rules"]] == ["pass", "pass", "pass", "pass", "skip"]
+    assert "PROMOTE" in (repo_copy / "reports/gate.md").read_text()
     again = sh(DVC, "repro", cwd=repo_copy)
-    assert "Running stage" not in again.stdout.replace("Running stage 'corpus'", "")
+    # Cached, except the stages that read state outside DVC (the corpus, the registry).
+    assert "Running stage" not in again.stdout.replace("Running stage 'corpus'", "").replace("Running stage 'gate'", "")
     shown = json.loads(sh(DVC, "metrics", "show", "--json", cwd=repo_copy).stdout)
     assert "metrics/eval.json" in json.dumps(shown)
     # A changed source file re-runs prepare and everything after it.
@@ -85,29 +93,68 @@ def test_dvc_repro_runs_every_stage_then_caches(repo_copy):
     assert "changed deps" not in sh(DVC, "status", cwd=repo_copy, check=False).stdout
 
 
-@pytest.mark.slow
-def test_prefect_flow_over_the_same_repo_publishes_eval_metrics(repo_copy, prefect_api, monkeypatch):
-    from prefect.client.orchestration import get_client
+def wait_for(fetch, what: str, within_s: float):
+    deadline = time.monotonic() + within_s
+    while (value := fetch()) is None:
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+    return value
 
-    from flows.pipeline import pipeline
+
+@pytest.mark.slow
+def test_retrain_deployment_served_and_triggered_promotes(repo_copy, prefect_api, tmp_path):
+    """The `retrain` deployment served by flows.retrain against a real Prefect server, triggered
+    like the UI's "Run": the pipeline (cached) and the gate run, and the candidate becomes champion."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.exceptions import ObjectNotFound
+
+    from moeops.registry import champion, history
 
     if not (repo_copy / "metrics/eval.json").is_file():
         sh(DVC, "repro", cwd=repo_copy)
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    state = pipeline(repo=str(repo_copy), return_state=True)
-    assert state.is_completed()
-    metrics = state.result()
-    assert metrics == json.loads((repo_copy / "metrics/eval.json").read_text())
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONHASHSEED="0",
+               PREFECT_RUNNER_POLL_FREQUENCY="1")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--repo", str(repo_copy)], cwd=repo_copy,
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with get_client(sync_client=True) as client:
+            def deployment():
+                with contextlib.suppress(ObjectNotFound):
+                    return client.read_deployment_by_name("pipeline/retrain")
+            found = wait_for(deployment, "the retrain deployment", 120)
+            assert found.schedules[0].schedule.cron == "0 3 * * 1"
+            run = client.create_flow_run_from_deployment(found.id)
+            final = wait_for(lambda: (s := client.read_flow_run(run.id).state).is_final() and s or None,
+                             "the triggered run", 600)
+            assert final.is_completed(), f"{final}\n{log.read_text()[-4000:]}"
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["gate"]), flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert len(artifacts) == 1 and "promoted" in artifacts[0].data and "| max_regression |" in artifacts[0].data
+    root = repo_copy / "registry"
+    assert champion(root, "moeops") == "v1"
+    assert [e["action"] for e in history(root, "moeops")] == ["register", "promote"]
+    tags = sh("git", "tag", cwd=repo_copy).stdout.split()
+    assert "moeops@v1.0.0" in tags and "moeops#prod#1" in tags
 
-    async def artifacts():
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
-
-        async with get_client() as client:
-            return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["eval-metrics"])),
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-
-    import asyncio
-
-    found = asyncio.run(artifacts())
-    assert len(found) == 1 and "val.bits_per_byte" in str(found[0].data)
+    # The gate now compares against the champion (the same model: no change) ...
+    sh(DVC, "repro", "gate", cwd=repo_copy)
+    gate = json.loads((repo_copy / "metrics/gate.json").read_text())
+    assert gate["decision"] == "promote" and gate["champion"]["version"] == "v1"
+    assert gate["champion"]["bootstrap"]["relative_change"] == 0.0
+    promote = [sys.executable, "-m", "flows.promote", "--from-gate", "metrics/gate.json"]
+    assert "v1 is this model already" in sh(*promote, cwd=repo_copy).stdout
+    # ... and a budget the candidate misses rejects it: the stage succeeds, promotion exits 1.
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["gate"]["max_bits_per_byte"] = 0.5
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(DVC, "repro", "gate", cwd=repo_copy)
+    assert json.loads((repo_copy / "metrics/gate.json").read_text())["decision"] == "reject"
+    rejected = sh(*promote, cwd=repo_copy, check=False)
+    assert rejected.returncode == 1 and "max_bits_per_byte" in rejected.stderr
+    assert champion(root, "moeops") == "v1" and len(history(root, "moeops")) == 2

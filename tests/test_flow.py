@@ -98,7 +98,7 @@ def test_runs_stages_in_order_and_publishes_metrics(tmp_path):
     repo = make_repo(tmp_path, PIPELINE)
     state = pipeline(repo=str(repo), return_state=True)
     assert state.is_completed()
-    assert state.result() == METRICS
+    assert state.result() == {"eval": METRICS, "promotion": None}  # no gate stage: nothing to promote
     assert (repo / "order.txt").read_text().split() == ["prepare", "train", "evaluate"]
 
     with get_client(sync_client=True) as client:
@@ -112,7 +112,7 @@ def test_runs_stages_in_order_and_publishes_metrics(tmp_path):
                      {"metric": "n_tokens", "value": 1000}]
 
     # A stage subset runs as listed, each alone: DVC finds them up to date and runs nothing.
-    assert pipeline(repo=str(repo), stages=["evaluate", "prepare"]) == METRICS
+    assert pipeline(repo=str(repo), stages=["evaluate", "prepare"])["eval"] == METRICS
     assert (repo / "order.txt").read_text().split() == ["prepare", "train", "evaluate"]
 
 

@@ -24,26 +24,32 @@ from moeops.train.data import load_tokens
 
 def decode_speed(step: Step, vocab_size: int, batch: int, prompt_len: int, new_tokens: int,
                  repeats: int = 3) -> dict:
-    """Prefill latency of a [batch, prompt_len] prompt and decode tokens/s over new_tokens cached
-    steps (greedy feeding of random tokens costs the same): medians of `repeats` after a warm-up."""
+    """Prefill latency of a [batch, prompt_len] prompt, decode tokens/s over new_tokens cached
+    steps (greedy feeding of random tokens costs the same): medians of `repeats` after a warm-up;
+    and the 95th percentile of one decode step's latency over all those steps."""
     rng = np.random.default_rng(0)
     prompt_BS = rng.integers(0, vocab_size, (batch, prompt_len))
     next_B1 = rng.integers(0, vocab_size, (batch, 1))
-    prefill, decode = [], []
+    prefill, decode, steps = [], [], []
     for r in range(repeats + 1):
         mask_BT = np.ones((batch, prompt_len), np.int64)
         t0 = time.perf_counter()
         _, past = step(prompt_BS, mask_BT, None)
         t1 = time.perf_counter()
+        step_times = []
         for _ in range(new_tokens):
             mask_BT = np.ones((batch, mask_BT.shape[1] + 1), np.int64)
+            s0 = time.perf_counter()
             _, past = step(next_B1, mask_BT, past)
+            step_times.append(time.perf_counter() - s0)
         t2 = time.perf_counter()
         if r:  # the first round warms up
             prefill.append(t1 - t0)
             decode.append(t2 - t1)
+            steps += step_times
     return {"prefill_ms": round(1000 * float(np.median(prefill)), 2),
-            "decode_tokens_per_s": round(batch * new_tokens / float(np.median(decode)), 1)}
+            "decode_tokens_per_s": round(batch * new_tokens / float(np.median(decode)), 1),
+            "decode_step_p95_ms": round(1000 * float(np.percentile(steps, 95)), 3)}
 
 
 def _load(kind: str, path: Path) -> tuple[Step, object, int]:

@@ -1,0 +1,57 @@
+"""python -m moeops.registry [--root DIR] list | show | promote | rollback | history | verify
+(also `python -m moeops registry ...`). --root defaults to $MOEOPS_REGISTRY, else ./registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from moeops.cli import run_main
+from moeops.registry import store
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m moeops.registry") -> None:
+    p = argparse.ArgumentParser(prog=prog, description="Model registry: versions, aliases, promote, rollback, audit.")
+    p.add_argument("--root", default=os.environ.get("MOEOPS_REGISTRY", "registry"),
+                   help="registry directory (default: $MOEOPS_REGISTRY or ./registry)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="models, versions and aliases")
+    s = sub.add_parser("show", help="a version's manifest (files verified)")
+    s.add_argument("name")
+    s.add_argument("version", nargs="?", default="champion", help="vN, champion or challenger (default: champion)")
+    for cmd in ("promote", "rollback"):
+        what = "make VERSION the champion" if cmd == "promote" else "restore the previous champion"
+        s = sub.add_parser(cmd, help=what)
+        s.add_argument("name")
+        if cmd == "promote":
+            s.add_argument("version")
+        s.add_argument("--reason", required=True, help="why (goes into the audit log)")
+        s.add_argument("--gto-repo", help="also write GTO tags (name@vN.0.0, name#prod#K) in this git repository")
+    s = sub.add_parser("history", help="the audit log of a model")
+    s.add_argument("name")
+    s = sub.add_parser("verify", help="check the checksums of one version or all")
+    s.add_argument("name")
+    s.add_argument("version", nargs="?")
+    a = p.parse_args(argv)
+
+    if a.cmd == "list":
+        for m in store.list_models(a.root):
+            print(f"{m['name']}: champion={m['champion'] or '-'} challenger={m['challenger'] or '-'} "
+                  f"previous={','.join(m['previous']) or '-'} versions={','.join(m['versions']) or '-'}")
+    elif a.cmd == "show":
+        print(json.dumps(store.show(a.root, a.name, a.version), indent=2, sort_keys=True))
+    elif a.cmd == "promote":
+        store.promote(a.root, a.name, a.version, a.reason, gto_repo=a.gto_repo)
+        print(f"{a.name}: champion -> {a.version}")
+    elif a.cmd == "rollback":
+        print(f"{a.name}: champion -> {store.rollback(a.root, a.name, a.reason, gto_repo=a.gto_repo)}")
+    elif a.cmd == "history":
+        for e in store.history(a.root, a.name):
+            print(json.dumps(e, sort_keys=True))
+    elif a.cmd == "verify":
+        print(f"{a.name}: ok ({', '.join(store.verify(a.root, a.name, a.version))})")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,149 @@
+"""Act on the gate: `moeops promote --from-gate metrics/gate.json` (also `python -m flows.promote`).
+
+promote: register the run's artifacts as a new version (ONNX variants, HF export, tokenizer, eval
+metrics, gate report, lineage) and make it the champion, the old champion staying the rollback
+target; GTO tags too when `registry.gto_tags` is auto and the repository is a git repository.
+reject: the registry is untouched. Exit 0 = promoted (or already champion), 1 = rejected, 2 = bad
+input. The gate.json must describe the artifacts on disk (every input's sha256) and the champion
+it was compared with must still be the champion; otherwise nothing is registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moeops.cli import UserError, run_main
+from moeops.config import load_section
+from moeops.io import sha256_file
+from moeops.lineage import git_commit
+
+DECISIONS = ("promote", "reject")
+# registered path -> path in the repository
+ARTIFACTS = {"onnx/fp32": "exports/onnx/fp32", "onnx/int8": "exports/onnx/int8", "onnx/int4": "exports/onnx/int4",
+             "hf": "exports/hf", "tokenizer.json": "data/prepared/tokenizer.json",
+             "metrics/eval.json": "metrics/eval.json", "metrics/export.json": "metrics/export.json",
+             "reports/gate.md": "reports/gate.md", "params.yaml": "params.yaml", "dvc.lock": "dvc.lock"}
+
+
+def registry_location(repo: Path) -> tuple[Path, str, bool]:
+    """(root, name, write GTO tags) from the repository's params.yaml `registry` section;
+    $MOEOPS_REGISTRY overrides the root (CI points it at persistent storage). A relative root is
+    relative to the repository."""
+    reg = load_section("registry", repo / "params.yaml")
+    root = Path(os.environ.get("MOEOPS_REGISTRY") or reg.root)
+    return (root if root.is_absolute() else repo / root), reg.name, reg.gto_tags == "auto"
+
+
+def read_gate(path: Path) -> dict[str, Any]:
+    try:
+        gate = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; run the gate stage (dvc repro) first") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(gate, dict) or gate.get("decision") not in DECISIONS:
+        raise UserError(f"{path}: decision: expected one of {list(DECISIONS)}")
+    inputs = (gate.get("lineage") or {}).get("inputs") if isinstance(gate.get("lineage"), dict) else None
+    if not isinstance(inputs, dict) or not inputs:
+        raise UserError(f"{path}: lineage.inputs: missing; the file was not written by the gate stage")
+    if not isinstance(gate.get("candidate"), dict) or "variant" not in gate["candidate"]:
+        raise UserError(f"{path}: candidate.variant: missing")
+    return gate
+
+
+def check_lineage(gate: dict[str, Any], gate_path: Path, repo: Path, current_champion: str | None) -> None:
+    """The gate judged exactly these files and this champion, or nothing is registered."""
+    for rel, recorded in sorted(gate["lineage"]["inputs"].items()):
+        path = repo / rel
+        if not path.is_file():
+            raise UserError(f"{gate_path}: lineage mismatch: {rel} is missing (the candidate the gate judged is gone)")
+        if sha256_file(path) != recorded:
+            raise UserError(f"{gate_path}: lineage mismatch: {rel} changed since the gate ran; re-run `dvc repro`")
+    judged = gate["lineage"].get("champion")
+    if judged != current_champion:
+        raise UserError(f"{gate_path}: lineage mismatch: the gate compared against champion {judged or 'none'}, "
+                        f"the registry's champion is now {current_champion or 'none'}; re-run the gate stage")
+
+
+def version_lineage(repo: Path, gate: dict[str, Any]) -> dict[str, Any]:
+    meta_path, lock = repo / "data/prepared/meta.json", repo / "dvc.lock"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return {
+        "git_commit": git_commit(repo),
+        "dvc_lock_sha256": sha256_file(lock) if lock.is_file() else None,
+        "data_sha256": sha256_file(meta_path) if meta_path.is_file() else None,  # the prepared data's meta.json
+        "source_manifest_sha256": meta.get("source_manifest_sha256"),
+        "params": yaml.safe_load((repo / "params.yaml").read_text()),
+        "gate": {"decision": gate["decision"], "champion": gate["lineage"].get("champion"),
+                 "inputs": gate["lineage"]["inputs"]},
+    }
+
+
+def tree_digest(path: Path) -> str:
+    """sha256 over (relative path, file sha256) of every file under `path`."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def promote_from_gate(gate_path: Path, repo: Path = Path(".")) -> dict[str, Any]:
+    """Register and promote on a `promote` decision, nothing on `reject`. Returns what happened:
+    {decision, champion, previous, version, reasons, registered}."""
+    from moeops.registry import champion, promote, register, resolve
+
+    repo = repo.resolve()
+    gate_path = gate_path if gate_path.is_absolute() else repo / gate_path
+    root, name, gto = registry_location(repo)
+    gate = read_gate(gate_path)
+    current = champion(root, name)
+    check_lineage(gate, gate_path, repo, current)
+    out = {"decision": gate["decision"], "reasons": gate.get("reasons", []), "name": name, "registry": str(root),
+           "previous": current, "champion": current, "version": None, "registered": False}
+    if gate["decision"] == "reject":
+        return out
+    files = {dst: repo / src for dst, src in ARTIFACTS.items()}
+    for dst, src in files.items():
+        if not src.exists():
+            raise UserError(f"{src}: missing (registered as {dst}); run `dvc repro` first")
+    variant = "onnx/" + gate["candidate"]["variant"].removeprefix("onnx_")
+    if current and tree_digest(resolve(root, name, current) / variant) == tree_digest(files[variant]):
+        return out | {"version": current, "reasons": [f"{name} {current} is this model already: nothing to do"]}
+    files["metrics/gate.json"] = gate_path
+    metrics = {"bits_per_byte": gate["candidate"].get("bits_per_byte"), "candidate": gate["candidate"]["variant"]}
+    reason = f"gate promote vs {current or 'no champion'}"
+    version = register(root, name, files, version_lineage(repo, gate), metrics, reason=reason)
+    promote(root, name, version, reason, gto_repo=repo if gto else None)
+    return out | {"champion": version, "version": version, "registered": True}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="moeops promote", description=__doc__.splitlines()[0])
+    parser.add_argument("--from-gate", required=True, type=Path, metavar="GATE_JSON",
+                        help="metrics/gate.json written by the gate stage")
+    parser.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository (default: .)")
+    args = parser.parse_args(argv)
+    result = promote_from_gate(args.from_gate, args.repo)
+    name = result["name"]
+    if result["decision"] == "reject":
+        print(f"{name}: REJECTED by the gate; champion stays {result['champion'] or 'none'}", file=sys.stderr)
+        for reason in result["reasons"]:
+            print(f"  {reason}", file=sys.stderr)
+        sys.exit(1)
+    if result["registered"]:
+        print(f"{name}: registered {result['version']} and promoted it to champion "
+              f"(previous: {result['previous'] or 'none'}) in {result['registry']}")
+    else:
+        print(f"{name}: {result['reasons'][0]}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,137 @@
+"""DVC stage `gate`: promote or reject the candidate → metrics/gate.json, reports/gate.md.
+
+Rules (params `gate`): the candidate's val bits-per-byte, p95 decode-step latency (metrics/eval.json),
+model file size and export parity (metrics/export.json) against absolute budgets; and, when the
+registry (params `registry`) has a champion, a paired bootstrap on per-document bits-per-byte
+against the champion scored on the same val documents. A reject is a result, not a failure: the
+stage exits 0 and the flow / CI act on `decision`. The registry is state outside DVC, so the stage
+always runs (dvc.yaml: always_changed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moeops.cli import UserError, run_main
+from moeops.config import load_model_args, load_section
+from moeops.evaluate.gate import (
+    decide,
+    document_bits,
+    markdown_report,
+    paired_bootstrap,
+    rule,
+    val_documents,
+)
+from moeops.io import atomic_write_json, atomic_write_text
+from moeops.lineage import lineage
+from moeops.registry.promotion import registry_location
+
+PREPARED = Path("data/prepared")
+EVAL = Path("metrics/eval.json")
+EXPORT = Path("metrics/export.json")
+GATE = Path("metrics/gate.json")
+REPORT = Path("reports/gate.md")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({e}); run the stages before the gate") from None
+
+
+def lookup(metrics: dict[str, Any], path: Path, *keys: str) -> float:
+    value: Any = metrics
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    if not isinstance(value, int | float):
+        raise UserError(f"{path}: {'.'.join(keys)}: missing or not a number; re-run the stage that writes it")
+    return float(value)
+
+
+def variant_dir(root: Path, candidate: str) -> Path:
+    """exports/onnx/int8 for candidate onnx_int8 (and <version>/onnx/int8 in the registry)."""
+    return root / "onnx" / candidate.removeprefix("onnx_")
+
+
+def score(model_dir: Path, texts: list[str], batch_size: int, threads: int) -> np.ndarray:
+    from moeops.export.onnx import OnnxLM
+
+    for name in ("model.onnx", "tokenizer.json", "config.json"):
+        if not (model_dir / name).is_file():
+            raise UserError(f"{model_dir / name}: missing")
+    lm = OnnxLM(model_dir / "model.onnx", threads=threads)
+    seq_len = load_model_args(model_dir / "config.json").max_seq_len
+    return document_bits(lambda x_BS: lm.step(x_BS, np.ones_like(x_BS), None)[0], model_dir / "tokenizer.json",
+                         texts, seq_len, batch_size)
+
+
+def champion_dir(root: Path, name: str) -> tuple[str | None, Path | None]:
+    from moeops.registry import champion, resolve
+
+    version = champion(root, name)
+    return (version, resolve(root, name, version)) if version else (None, None)
+
+
+def gate(p: Any, root: Path, name: str) -> dict[str, Any]:
+    candidate = variant_dir(Path("exports"), p.candidate)
+    if not (candidate / "model.onnx").is_file():
+        raise UserError(f"{candidate / 'model.onnx'}: missing candidate (gate.candidate: {p.candidate}); "
+                        "run the export stage")
+    ev, ex = read_json(EVAL), read_json(EXPORT)
+    threads = p.threads or torch.get_num_threads()
+    texts = val_documents(PREPARED, p.max_tokens)
+    n_bytes = sum(len(t.encode()) for t in texts)
+    cand_bits_D = score(candidate, texts, p.batch_size, threads)
+    cand_bpb = float(cand_bits_D.sum() / n_bytes)
+    p95 = lookup(ev, EVAL, "variants", p.candidate, "speed", "batch1", "decode_step_p95_ms")
+    size_mb = sum(f.stat().st_size for f in candidate.glob("model.onnx*")) / 1e6
+    parity = max(lookup(ex, EXPORT, "parity", k) for k in ("prefill_max_abs_diff", "decode_max_abs_diff"))
+    rules = [
+        rule("max_bits_per_byte", cand_bpb, p.max_bits_per_byte, f"val bits/byte {cand_bpb:.4f}"),
+        rule("max_p95_latency_ms", p95, p.max_p95_latency_ms, f"one cached decode step at batch 1, p95 {p95:.3f} ms"),
+        rule("max_file_mb", size_mb, p.max_file_mb, f"{candidate}/model.onnx: {size_mb:.2f} MB"),
+        rule("max_parity_error", parity, p.max_parity_error, f"max |ONNX Runtime − PyTorch| logit {parity:.2e}"),
+    ]
+    version, champ = champion_dir(root, name)
+    champion = None
+    if champ is None:
+        rules.append(rule("max_regression", None, p.max_regression, f"no champion in {root} yet: budgets only"))
+    else:
+        champ_bits_D = score(variant_dir(champ, p.candidate), texts, p.batch_size, threads)
+        boot = paired_bootstrap(cand_bits_D, champ_bits_D, p.confidence, p.bootstrap_samples, p.seed)
+        champ_bpb = float(champ_bits_D.sum() / n_bytes)
+        champion = {"name": name, "version": version, "bits_per_byte": champ_bpb, "bootstrap": boot}
+        rules.append(rule("max_regression", boot["upper_bound"], p.max_regression,
+                          f"bits/byte {cand_bpb:.4f} vs champion {version} {champ_bpb:.4f}: "
+                          f"{boot['relative_change']:+.2%}, {p.confidence:.0%} upper bound {boot['upper_bound']:+.2%} "
+                          f"({p.bootstrap_samples} paired resamples of {len(texts)} documents, {boot['method']})"))
+    decision, reasons = decide(rules)
+    inputs = [*(candidate / n for n in ("model.onnx", "tokenizer.json", "config.json")), EVAL, EXPORT,
+              PREPARED / "val.bin", PREPARED / "tokenizer.json"]
+    return {
+        "decision": decision,
+        "reasons": reasons,
+        "candidate": {"variant": p.candidate, "path": str(candidate), "bits_per_byte": cand_bpb,
+                      "documents": len(texts), "bytes": n_bytes},
+        "champion": champion,
+        "rules": rules,
+        "lineage": lineage(inputs, {"gate": p.model_dump()}, "gate")
+        | {"champion": version, "registry": {"root": str(root), "name": name}},
+    }
+
+
+def main() -> None:
+    root, name, _ = registry_location(Path("."))
+    result = gate(load_section("gate"), root, name)
+    atomic_write_text(REPORT, markdown_report(result))
+    atomic_write_json(GATE, result)
+    print(f"gate: {result['decision'].upper()}" + "".join(f"\n  {r}" for r in result["reasons"]))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,150 @@
+"""Promotion from a gate.json: registry changes on promote only, and every kind of bad input
+(another run's gate.json, a moved champion, a missing candidate, an unwritable registry) is one
+line, exit 2, and leaves the registry as it was. Small stand-in files: the registry only hashes them
+(the real stages' artifacts are registered in test_e2e)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moeops.cli import UserError
+from moeops.io import sha256_file
+from moeops.registry import champion, history, resolve
+from moeops.registry.promotion import ARTIFACTS, promote_from_gate
+
+ROOT = Path(__file__).resolve().parents[1]
+JUDGED = ["exports/onnx/int8/model.onnx", "exports/onnx/int8/tokenizer.json", "metrics/eval.json"]
+
+
+def write_gate(repo: Path, decision: str = "promote", champion_version: str | None = None) -> Path:
+    gate = {"decision": decision, "reasons": [] if decision == "promote" else ["max_bits_per_byte: val bits/byte 3.1"],
+            "candidate": {"variant": "onnx_int8", "bits_per_byte": 1.7},
+            "lineage": {"inputs": {p: sha256_file(repo / p) for p in JUDGED}, "champion": champion_version}}
+    path = repo / "metrics/gate.json"
+    path.write_text(json.dumps(gate))
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    for src in ARTIFACTS.values():
+        path = repo / src
+        if src.startswith("exports/"):
+            path.mkdir(parents=True)
+            for name in ("model.onnx", "tokenizer.json", "config.json"):
+                (path / name).write_text(f"{src}/{name}")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(src)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"registry": {"root": "reg", "name": "lm", "gto_tags": "off"}}))
+    write_gate(repo)
+    return repo
+
+
+def cli(repo: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "moeops", "promote", "--from-gate", "metrics/gate.json", *args],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_promote_registers_the_run_then_a_new_candidate_replaces_it(repo):
+    first = promote_from_gate(Path("metrics/gate.json"), repo)
+    assert first["registered"] and first["champion"] == "v1" and first["previous"] is None
+    v1 = resolve(repo / "reg", "lm", "champion")
+    assert (v1 / "onnx/int4/model.onnx").read_text() == "exports/onnx/int4/model.onnx"
+    for registered in ("hf/config.json", "tokenizer.json", "metrics/eval.json", "metrics/gate.json", "reports/gate.md",
+                       "dvc.lock", "params.yaml"):
+        assert (v1 / registered).is_file(), registered
+    manifest = json.loads((v1 / "manifest.json").read_text())
+    judged = json.loads((repo / "metrics/gate.json").read_text())["lineage"]["inputs"]
+    assert manifest["lineage"]["gate"]["inputs"] == judged
+    assert manifest["lineage"]["dvc_lock_sha256"] == sha256_file(repo / "dvc.lock")
+
+    # The same model judged again (against v1): nothing to register.
+    write_gate(repo, champion_version="v1")
+    assert "v1 is this model already" in promote_from_gate(Path("metrics/gate.json"), repo)["reasons"][0]
+    # A retrained candidate: v2 becomes champion, v1 the rollback target.
+    (repo / "exports/onnx/int8/model.onnx").write_text("retrained")
+    write_gate(repo, champion_version="v1")
+    proc = cli(repo)
+    assert proc.returncode == 0 and "registered v2" in proc.stdout and "previous: v1" in proc.stdout
+    assert champion(repo / "reg", "lm") == "v2"
+    assert [e["action"] for e in history(repo / "reg", "lm")] == ["register", "promote", "register", "promote"]
+
+
+def test_reject_leaves_the_registry_alone_and_exits_1(repo):
+    promote_from_gate(Path("metrics/gate.json"), repo)
+    (repo / "exports/onnx/int8/model.onnx").write_text("worse")
+    write_gate(repo, "reject", champion_version="v1")
+    before = (repo / "reg/audit.jsonl").read_bytes()
+    proc = cli(repo)
+    assert proc.returncode == 1
+    assert "REJECTED" in proc.stderr and "max_bits_per_byte: val bits/byte 3.1" in proc.stderr
+    assert champion(repo / "reg", "lm") == "v1" and (repo / "reg/audit.jsonl").read_bytes() == before
+
+
+def bad(repo: Path, message: str, env: dict | None = None) -> None:
+    reg_before = sorted(p.relative_to(repo) for p in repo.rglob("reg/**/*"))
+    proc = cli(repo, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert sorted(p.relative_to(repo) for p in repo.rglob("reg/**/*")) == reg_before
+
+
+def test_bad_input_is_one_line_exit_2_and_registers_nothing(repo, tmp_path):
+    # A gate.json from another run: the judged model is not the one on disk.
+    (repo / "exports/onnx/int8/model.onnx").write_text("another run")
+    bad(repo, "metrics/gate.json: lineage mismatch: exports/onnx/int8/model.onnx changed since the gate ran")
+    write_gate(repo)
+    # The gate compared against no champion, but one was promoted since.
+    promote_from_gate(Path("metrics/gate.json"), repo)
+    bad(repo, "lineage mismatch: the gate compared against champion none, the registry's champion is now v1")
+    # A candidate artifact the gate did not judge is gone.
+    write_gate(repo, champion_version="v1")
+    (repo / "exports/onnx/int8/model.onnx").write_text("new")
+    write_gate(repo, champion_version="v1")
+    os.rename(repo / "exports/hf", repo / "hf.moved")
+    bad(repo, "exports/hf: missing (registered as hf)")
+    os.rename(repo / "hf.moved", repo / "exports/hf")
+    # No gate.json, or not the gate's.
+    (repo / "metrics/gate.json").write_text(json.dumps({"decision": "maybe"}))
+    bad(repo, "metrics/gate.json: decision: expected one of ['promote', 'reject']")
+    (repo / "metrics/gate.json").unlink()
+    bad(repo, "metrics/gate.json: no such file")
+    # A registry that cannot be written (its parent is a file; chmod does not stop root).
+    write_gate(repo, champion_version=None)
+    (tmp_path / "afile").write_text("")
+    bad(repo, "cannot create the registry", env={"MOEOPS_REGISTRY": str(tmp_path / "afile" / "reg")})
+    assert champion(repo / "reg", "lm") == "v1"
+
+
+def test_promote_flow_publishes_the_decision(repo, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.promote import main
+
+    (repo / "reports/gate.md").write_text("# Gate: **PROMOTE**\n")
+    write_gate(repo)
+    main(["--from-gate", "metrics/gate.json", "--repo", str(repo)])
+    assert champion(repo / "reg", "lm") == "v1"
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gate"])))
+    assert any("**lm: promoted** — registered v1" in a.data and "# Gate: **PROMOTE**" in a.data for a in artifacts)
+    with pytest.raises(SystemExit) as exit_:  # the gate now disagrees with the registry
+        main(["--from-gate", "metrics/gate.json", "--repo", str(repo)])
+    assert exit_.value.code == 2
+
+
+def test_registry_params_are_validated(repo):
+    (repo / "params.yaml").write_text(yaml.safe_dump({"registry": {"name": "../up"}}))
+    with pytest.raises(UserError, match=r"registry.name: String should match pattern"):
+        promote_from_gate(Path("metrics/gate.json"), repo)
