@@ -47,6 +47,14 @@ def summary() -> str:
         skipped = ", ".join(f"{k} {v}" for k, v in data["skipped"].items() if v) or "none"
         lines.append(f"data: {splits}; skipped: {skipped}; tokenizer {data['tokenizer_seconds']:.1f} s, "
                      f"encode {data['encode_seconds']:.1f} s")
+    gate = read("metrics/gate.json")
+    if gate:
+        champion = gate["champion"]["version"] if gate.get("champion") else "no champion yet"
+        lines.append(f"gate: {gate['decision'].upper()} {gate['candidate']['variant']} "
+                     f"({gate['candidate']['bits_per_byte']:.4f} bits/byte; vs {champion}); reports/gate.md")
+        lines += [f"  {reason}" for reason in gate.get("reasons", [])]
+        if gate["decision"] == "promote":
+            lines.append("  register it: `make flow` or `moeops promote --from-gate metrics/gate.json`")
     lines.append("reports: reports/data/docs/index.html (GX Data Docs), reports/data/summary.json, "
                  "dvclive/{pretrain,distill} (training curves), plots/expert_load.png, metrics/*.json; "
                  "`dvc plots show`")

@@ -68,9 +68,10 @@ def test_promote_registers_the_run_then_a_new_candidate_replaces_it(repo):
     assert manifest["lineage"]["gate"]["inputs"] == judged
     assert manifest["lineage"]["dvc_lock_sha256"] == sha256_file(repo / "dvc.lock")
 
-    # The same model judged again (against v1): nothing to register.
-    write_gate(repo, champion_version="v1")
-    assert "v1 is this model already" in promote_from_gate(Path("metrics/gate.json"), repo)["reasons"][0]
+    # The same model judged again: nothing to register (even by a gate that ran before v1 existed).
+    for judged_champion in ("v1", None):
+        write_gate(repo, champion_version=judged_champion)
+        assert "v1 is this model already" in promote_from_gate(Path("metrics/gate.json"), repo)["reasons"][0]
     # A retrained candidate: v2 becomes champion, v1 the rollback target.
     (repo / "exports/onnx/int8/model.onnx").write_text("retrained")
     write_gate(repo, champion_version="v1")
@@ -104,12 +105,12 @@ def test_bad_input_is_one_line_exit_2_and_registers_nothing(repo, tmp_path):
     (repo / "exports/onnx/int8/model.onnx").write_text("another run")
     bad(repo, "metrics/gate.json: lineage mismatch: exports/onnx/int8/model.onnx changed since the gate ran")
     write_gate(repo)
-    # The gate compared against no champion, but one was promoted since.
     promote_from_gate(Path("metrics/gate.json"), repo)
+    # A new candidate, judged when there was no champion yet: v1 was promoted since.
+    (repo / "exports/onnx/int8/model.onnx").write_text("new")
+    write_gate(repo)
     bad(repo, "lineage mismatch: the gate compared against champion none, the registry's champion is now v1")
     # A candidate artifact the gate did not judge is gone.
-    write_gate(repo, champion_version="v1")
-    (repo / "exports/onnx/int8/model.onnx").write_text("new")
     write_gate(repo, champion_version="v1")
     os.rename(repo / "exports/hf", repo / "hf.moved")
     bad(repo, "exports/hf: missing (registered as hf)")
@@ -139,7 +140,8 @@ def test_promote_flow_publishes_the_decision(repo, prefect_api):
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gate"])))
     assert any("**lm: promoted** — registered v1" in a.data and "# Gate: **PROMOTE**" in a.data for a in artifacts)
-    with pytest.raises(SystemExit) as exit_:  # the gate now disagrees with the registry
+    (repo / "exports/onnx/int8/model.onnx").write_text("changed after the gate")
+    with pytest.raises(SystemExit) as exit_:  # not the model the gate judged
         main(["--from-gate", "metrics/gate.json", "--repo", str(repo)])
     assert exit_.value.code == 2
 

@@ -59,14 +59,18 @@ def read_gate(path: Path) -> dict[str, Any]:
     return gate
 
 
-def check_lineage(gate: dict[str, Any], gate_path: Path, repo: Path, current_champion: str | None) -> None:
-    """The gate judged exactly these files and this champion, or nothing is registered."""
+def check_inputs(gate: dict[str, Any], gate_path: Path, repo: Path) -> None:
+    """The gate judged exactly the files on disk, or nothing is registered."""
     for rel, recorded in sorted(gate["lineage"]["inputs"].items()):
         path = repo / rel
         if not path.is_file():
             raise UserError(f"{gate_path}: lineage mismatch: {rel} is missing (the candidate the gate judged is gone)")
         if sha256_file(path) != recorded:
             raise UserError(f"{gate_path}: lineage mismatch: {rel} changed since the gate ran; re-run `dvc repro`")
+
+
+def check_champion(gate: dict[str, Any], gate_path: Path, current_champion: str | None) -> None:
+    """The gate compared against the champion that is still the champion."""
     judged = gate["lineage"].get("champion")
     if judged != current_champion:
         raise UserError(f"{gate_path}: lineage mismatch: the gate compared against champion {judged or 'none'}, "
@@ -105,18 +109,20 @@ def promote_from_gate(gate_path: Path, repo: Path = Path(".")) -> dict[str, Any]
     root, name, gto = registry_location(repo)
     gate = read_gate(gate_path)
     current = champion(root, name)
-    check_lineage(gate, gate_path, repo, current)
+    check_inputs(gate, gate_path, repo)
     out = {"decision": gate["decision"], "reasons": gate.get("reasons", []), "name": name, "registry": str(root),
            "previous": current, "champion": current, "version": None, "registered": False}
+    files = {dst: repo / src for dst, src in ARTIFACTS.items()}
+    variant = "onnx/" + gate["candidate"]["variant"].removeprefix("onnx_")
+    if gate["decision"] == "promote" and current and files[variant].is_dir() \
+            and tree_digest(resolve(root, name, current) / variant) == tree_digest(files[variant]):
+        return out | {"version": current, "reasons": [f"{name} {current} is this model already: nothing to do"]}
+    check_champion(gate, gate_path, current)
     if gate["decision"] == "reject":
         return out
-    files = {dst: repo / src for dst, src in ARTIFACTS.items()}
     for dst, src in files.items():
         if not src.exists():
             raise UserError(f"{src}: missing (registered as {dst}); run `dvc repro` first")
-    variant = "onnx/" + gate["candidate"]["variant"].removeprefix("onnx_")
-    if current and tree_digest(resolve(root, name, current) / variant) == tree_digest(files[variant]):
-        return out | {"version": current, "reasons": [f"{name} {current} is this model already: nothing to do"]}
     files["metrics/gate.json"] = gate_path
     metrics = {"bits_per_byte": gate["candidate"].get("bits_per_byte"), "candidate": gate["candidate"]["variant"]}
     reason = f"gate promote vs {current or 'no champion'}"
