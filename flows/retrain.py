@@ -53,28 +53,37 @@ def wait_healthy(api_url: str, proc: subprocess.Popen | None = None, timeout_s: 
         time.sleep(0.5)
 
 
-@contextlib.contextmanager
-def prefect_server(host: str = "127.0.0.1", port: int = 4200, ui: bool = True,
-                   log: Path | None = None) -> Iterator[str]:
-    """A real `prefect server start` in its own process group for the duration; yields its API URL."""
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": str(ui).lower()}
+def start_server(host: str = "127.0.0.1", port: int = 4200, ui: bool = True, log: Path | None = None,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `prefect server start` in its own process group (not waiting for it); (process, API URL)."""
+    env = {**os.environ, **(env or {}), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": str(ui).lower()}
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    api_url = f"http://{host}:{port}/api"
+    with open(log or os.devnull, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://{host}:{port}/api"
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group; SIGKILL it if it is not gone within 20 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def prefect_server(host: str = "127.0.0.1", port: int = 4200, ui: bool = True) -> Iterator[str]:
+    """A real Prefect server for the duration of the block; yields its API URL once it answers."""
+    proc, api_url = start_server(host, port, ui)
     try:
         wait_healthy(api_url, proc)
         yield api_url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if log:
-            out.close()
+        stop_server(proc)
 
 
 def serve(repo: Path) -> None:

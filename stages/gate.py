@@ -70,11 +70,19 @@ def score(model_dir: Path, texts: list[str], batch_size: int, threads: int) -> n
                          texts, seq_len, batch_size)
 
 
-def champion_dir(root: Path, name: str) -> tuple[str | None, Path | None]:
-    from moeops.registry import champion, resolve
+def champion_model(root: Path, name: str) -> tuple[str | None, str | None, Path | None]:
+    """(version, variant, model dir) of the champion: the variant it was promoted as, which is the one
+    in production (not necessarily today's gate.candidate); all None when there is no champion."""
+    from moeops.registry import champion, show
 
     version = champion(root, name)
-    return (version, resolve(root, name, version)) if version else (None, None)
+    if version is None:
+        return None, None, None
+    manifest = show(root, name, version)  # verifies every file's checksum
+    variant = manifest.get("metrics", {}).get("candidate")
+    if variant not in ("onnx_fp32", "onnx_int8", "onnx_int4"):
+        raise UserError(f"{manifest['path']}/manifest.json: metrics.candidate: {variant!r} is not an ONNX variant")
+    return version, variant, variant_dir(Path(manifest["path"]), variant)
 
 
 def gate(p: Any, root: Path, name: str) -> dict[str, Any]:
@@ -97,17 +105,18 @@ def gate(p: Any, root: Path, name: str) -> dict[str, Any]:
         rule("max_file_mb", size_mb, p.max_file_mb, f"{candidate}/model.onnx: {size_mb:.2f} MB"),
         rule("max_parity_error", parity, p.max_parity_error, f"max |ONNX Runtime − PyTorch| logit {parity:.2e}"),
     ]
-    version, champ = champion_dir(root, name)
+    version, champ_variant, champ = champion_model(root, name)
     champion = None
     if champ is None:
         rules.append(rule("max_regression", None, p.max_regression, f"no champion in {root} yet: budgets only"))
     else:
-        champ_bits_D = score(variant_dir(champ, p.candidate), texts, p.batch_size, threads)
+        champ_bits_D = score(champ, texts, p.batch_size, threads)
         boot = paired_bootstrap(cand_bits_D, champ_bits_D, p.confidence, p.bootstrap_samples, p.seed)
         champ_bpb = float(champ_bits_D.sum() / n_bytes)
-        champion = {"name": name, "version": version, "bits_per_byte": champ_bpb, "bootstrap": boot}
+        champion = {"name": name, "version": version, "variant": champ_variant, "bits_per_byte": champ_bpb,
+                    "bootstrap": boot}
         rules.append(rule("max_regression", boot["upper_bound"], p.max_regression,
-                          f"bits/byte {cand_bpb:.4f} vs champion {version} {champ_bpb:.4f}: "
+                          f"bits/byte {cand_bpb:.4f} vs champion {version} ({champ_variant}) {champ_bpb:.4f}: "
                           f"{boot['relative_change']:+.2%}, {p.confidence:.0%} upper bound {boot['upper_bound']:+.2%} "
                           f"({p.bootstrap_samples} paired resamples of {len(texts)} documents, {boot['method']})"))
     decision, reasons = decide(rules)

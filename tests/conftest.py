@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -74,24 +75,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PREFECT_SERVER: dict = {}  # the session's Prefect server: process, api_url, home
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start the Prefect server as soon as the collected tests are known to need it: it boots (~20 s of
+    CPU) on the core the tests leave idle while the tests before the first Prefect test run."""
+    if any("prefect_api" in item.fixturenames for item in items):
+        from flows.retrain import start_server
+
+        home = Path(tempfile.mkdtemp(prefix="moeops-prefect-"))
+        proc, api_url = start_server(port=free_port(), ui=False, log=home / "server.log",
+                                     env={"PREFECT_HOME": str(home)})
+        PREFECT_SERVER.update(proc=proc, api_url=api_url, home=home)
+
+
+def pytest_unconfigure(config):
+    if PREFECT_SERVER:
+        from flows.retrain import stop_server
+
+        stop_server(PREFECT_SERVER["proc"])
+        shutil.rmtree(PREFECT_SERVER["home"], ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory):
+def prefect_api():
     """A real Prefect server (`prefect server start`, SQLite in a temp PREFECT_HOME) on loopback for
-    the session (~20 s to start on 2 cores); this process and its children talk to it."""
+    the session; this process and its children talk to it."""
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.retrain import prefect_server
+    from flows.retrain import wait_healthy
 
-    home = tmp_path_factory.mktemp("prefect")
+    api_url = PREFECT_SERVER["api_url"]
+    wait_healthy(api_url, PREFECT_SERVER["proc"])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
+        mp.setenv("PREFECT_HOME", str(PREFECT_SERVER["home"]))
         mp.setenv("DVC_NO_ANALYTICS", "1")
-        with prefect_server(port=free_port(), ui=False, log=home / "server.log") as api_url:
-            mp.setenv("PREFECT_API_URL", api_url)
-            with temporary_settings(updates={PREFECT_API_URL: api_url}):
-                yield api_url
-                APILogWorker.drain_all(timeout=5)  # send the last logs while the server is still up
+        mp.setenv("PREFECT_API_URL", api_url)
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield api_url
+            APILogWorker.drain_all(timeout=5)  # send the last logs while the server is still up
 
 
 @pytest.fixture(scope="session")

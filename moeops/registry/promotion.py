@@ -99,10 +99,18 @@ def tree_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def same_model(champion_manifest: dict[str, Any], gate: dict[str, Any], files: dict[str, Path]) -> bool:
+    """The champion was promoted as the same variant, with the same files, as the gate's candidate."""
+    variant = gate["candidate"]["variant"]
+    path = "onnx/" + variant.removeprefix("onnx_")
+    return (champion_manifest.get("metrics", {}).get("candidate") == variant and files[path].is_dir()
+            and tree_digest(Path(champion_manifest["path"]) / path) == tree_digest(files[path]))
+
+
 def promote_from_gate(gate_path: Path, repo: Path = Path(".")) -> dict[str, Any]:
     """Register and promote on a `promote` decision, nothing on `reject`. Returns what happened:
     {decision, champion, previous, version, reasons, registered}."""
-    from moeops.registry import champion, promote, register, resolve
+    from moeops.registry import champion, promote, register, show
 
     repo = repo.resolve()
     gate_path = gate_path if gate_path.is_absolute() else repo / gate_path
@@ -113,9 +121,7 @@ def promote_from_gate(gate_path: Path, repo: Path = Path(".")) -> dict[str, Any]
     out = {"decision": gate["decision"], "reasons": gate.get("reasons", []), "name": name, "registry": str(root),
            "previous": current, "champion": current, "version": None, "registered": False}
     files = {dst: repo / src for dst, src in ARTIFACTS.items()}
-    variant = "onnx/" + gate["candidate"]["variant"].removeprefix("onnx_")
-    if gate["decision"] == "promote" and current and files[variant].is_dir() \
-            and tree_digest(resolve(root, name, current) / variant) == tree_digest(files[variant]):
+    if gate["decision"] == "promote" and current and same_model(show(root, name, current), gate, files):
         return out | {"version": current, "reasons": [f"{name} {current} is this model already: nothing to do"]}
     check_champion(gate, gate_path, current)
     if gate["decision"] == "reject":
