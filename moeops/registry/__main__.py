@@ -1,20 +1,29 @@
 """python -m moeops.registry [--root DIR] list | show | promote | rollback | history | verify
-(also `python -m moeops registry ...`). --root defaults to $MOEOPS_REGISTRY, else ./registry."""
+(also `python -m moeops registry ...`). --root defaults to $MOEOPS_REGISTRY, else params.yaml's registry.root
+when run in a project, else ./registry."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from pathlib import Path
 
 from moeops.cli import run_main
 from moeops.registry import store
+from moeops.registry.promotion import registry_location
+
+
+def default_root() -> Path:
+    if os.environ.get("MOEOPS_REGISTRY") or not Path("params.yaml").is_file():
+        return Path(os.environ.get("MOEOPS_REGISTRY") or "registry")
+    return registry_location(Path("."))[0]
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m moeops.registry") -> None:
     p = argparse.ArgumentParser(prog=prog, description="Model registry: versions, aliases, promote, rollback, audit.")
-    p.add_argument("--root", default=os.environ.get("MOEOPS_REGISTRY", "registry"),
-                   help="registry directory (default: $MOEOPS_REGISTRY or ./registry)")
+    p.add_argument("--root", default=None,
+                   help="default: $MOEOPS_REGISTRY, else params.yaml's registry.root, else ./registry")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="models, versions and aliases")
     s = sub.add_parser("show", help="a version's manifest (files verified)")
@@ -34,6 +43,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m moeops.registry")
     s.add_argument("name")
     s.add_argument("version", nargs="?")
     a = p.parse_args(argv)
+    a.root = a.root or default_root()
 
     if a.cmd == "list":
         for m in store.list_models(a.root):
