@@ -198,6 +198,14 @@ def test_main_bad_params_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "flow.retries" in err and "\n" not in err
 
+    for key, value, message in (("retrain_cron", "61 3 * * 1", 'Invalid cron string: "61 3 * * 1"'),
+                                ("retrain_timezone", "Mars/Olympus", 'Invalid timezone: "Mars/Olympus"')):
+        (repo / "params.yaml").write_text(yaml.safe_dump({"flow": {**FAST, key: value}}))
+        with pytest.raises(SystemExit) as exit_:
+            main(["--repo", str(repo)])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.startswith(f"error: {repo / 'params.yaml'}: flow.{key}: {message}")
+
     (repo / "params.yaml").write_text(yaml.safe_dump({"flow": FAST}))
     with pytest.raises(SystemExit) as exit_:
         main(["--repo", str(repo), "nope"])

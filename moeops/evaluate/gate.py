@@ -125,7 +125,8 @@ def markdown_report(gate: dict[str, Any]) -> str:
              "| rule | value | threshold | verdict | detail |", "| --- | --- | --- | --- | --- |"]
     for r in gate["rules"]:
         value = "—" if r["value"] is None else f"{r['value']:.6g}"
-        lines.append(f"| {r['rule']} | {value} | {r['threshold']:.6g} | {mark[r['verdict']]} | {r['detail']} |")
+        detail = r["detail"].replace("|", "\\|")  # a pipe would end the table cell
+        lines.append(f"| {r['rule']} | {value} | {r['threshold']:.6g} | {mark[r['verdict']]} | {detail} |")
     if gate["reasons"]:
         lines += ["", "## Why rejected", "", *[f"- {reason}" for reason in gate["reasons"]]]
     return "\n".join(lines) + "\n"
