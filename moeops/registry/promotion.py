@@ -11,7 +11,6 @@ it was compared with must still be the champion; otherwise nothing is registered
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -91,20 +90,18 @@ def version_lineage(repo: Path, gate: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def tree_digest(path: Path) -> str:
-    """sha256 over (relative path, file sha256) of every file under `path`."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
-
-
 def same_model(champion_manifest: dict[str, Any], gate: dict[str, Any], files: dict[str, Path]) -> bool:
-    """The champion was promoted as the same variant, with the same files, as the gate's candidate."""
+    """The champion was promoted as the same variant as the gate's candidate, with the same files
+    (the manifest's verified sha256 against the candidate's)."""
     variant = gate["candidate"]["variant"]
-    path = "onnx/" + variant.removeprefix("onnx_")
-    return (champion_manifest.get("metrics", {}).get("candidate") == variant and files[path].is_dir()
-            and tree_digest(Path(champion_manifest["path"]) / path) == tree_digest(files[path]))
+    prefix = "onnx/" + variant.removeprefix("onnx_")
+    if champion_manifest.get("metrics", {}).get("candidate") != variant or not files[prefix].is_dir():
+        return False
+    registered = {rel.removeprefix(prefix + "/"): meta["sha256"]
+                  for rel, meta in champion_manifest["files"].items() if rel.startswith(prefix + "/")}
+    current = {f.relative_to(files[prefix]).as_posix(): sha256_file(f)
+               for f in files[prefix].rglob("*") if f.is_file()}
+    return registered == current
 
 
 def promote_from_gate(gate_path: Path, repo: Path = Path(".")) -> dict[str, Any]:
