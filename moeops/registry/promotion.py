@@ -50,7 +50,8 @@ def read_gate(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(gate, dict) or gate.get("decision") not in DECISIONS:
         raise UserError(f"{path}: decision: expected one of {list(DECISIONS)}")
-    inputs = (gate.get("lineage") or {}).get("inputs") if isinstance(gate.get("lineage"), dict) else None
+    lineage = gate.get("lineage")
+    inputs = lineage.get("inputs") if isinstance(lineage, dict) else None
     if not isinstance(inputs, dict) or not inputs:
         raise UserError(f"{path}: lineage.inputs: missing; the file was not written by the gate stage")
     if not isinstance(gate.get("candidate"), dict) or "variant" not in gate["candidate"]:
