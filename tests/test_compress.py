@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moeops.train import compress
 from moeops.train.compress import Int8GradAllReduce, dequantize_blocks, quantize_blocks, ring_allreduce_bytes
 
 WORLD = 2
@@ -144,13 +145,28 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             total = flat if total is None else total + flat
         res["ef_inputs"], res["ef_running_mean"] = grads, total / EF_STEPS
 
-        # bytes on the wire for a large buffer
+        # bytes on the wire for a large buffer, and what the collectives were actually handed
         params = [torch.nn.Parameter(torch.zeros(BYTES_NUMEL))]
         params[0].grad = torch.randn(BYTES_NUMEL)
         hook = Int8GradAllReduce(params, block=BLOCK)
-        hook()
-        hook()
-        res["bytes_sent"], res["fp32_bytes"] = hook.bytes_sent, hook.fp32_bytes
+        handed = []  # (collective, dtype, bytes of the tensor this rank sends from)
+        real_a2a, real_gather = dist.all_to_all_single, compress._all_gather
+
+        def a2a(output, input, *args, **kw):
+            handed.append(("all_to_all", str(input.dtype), input.numel() * input.element_size()))
+            return real_a2a(output, input, *args, **kw)
+
+        def gather(output, input, *args, **kw):
+            handed.append(("all_gather", str(input.dtype), input.numel() * input.element_size()))
+            return real_gather(output, input, *args, **kw)
+
+        dist.all_to_all_single, compress._all_gather = a2a, gather
+        try:
+            hook()
+            hook()
+        finally:
+            dist.all_to_all_single, compress._all_gather = real_a2a, real_gather
+        res["bytes_sent"], res["fp32_bytes"], res["handed"] = hook.bytes_sent, hook.fp32_bytes, handed
 
         # a non-finite step shows up in the output and does not poison the next one
         params = [torch.nn.Parameter(torch.zeros(1000))]
@@ -227,6 +243,18 @@ def test_bytes_at_least_70_percent_fewer(runs):
     assert fp32 == 2 * ring_allreduce_bytes(BYTES_NUMEL, 4, WORLD)  # two calls
     assert sent == 2 * 2 * (WORLD - 1) * (padded // WORLD) * (1 + 4 / BLOCK)
     assert sent <= 0.30 * fp32, sent / fp32
+
+
+def test_bytes_equal_what_the_collectives_were_handed(runs):
+    """Counted independently from the tensors each rank passed to all_to_all (it keeps 1/W of its
+    input) and all_gather (its input goes to W - 1 ranks): int8 values and fp32 scales only."""
+    for r in runs:
+        handed = r["handed"]
+        assert {(kind, dtype) for kind, dtype, _ in handed} == {
+            (kind, dtype) for kind in ("all_to_all", "all_gather") for dtype in ("torch.int8", "torch.float32")}
+        assert len(handed) == 2 * 4  # two calls, four collectives each
+        wire = sum(n * (WORLD - 1) // WORLD if kind == "all_to_all" else n * (WORLD - 1) for kind, _, n in handed)
+        assert r["bytes_sent"] == wire
 
 
 def test_overflow_propagates_and_recovers(runs):

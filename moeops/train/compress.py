@@ -19,8 +19,9 @@ sum of the outputs differs from the exact sum only by the current residuals (bou
 rounding errors. One step is within about absmax/127 of the exact mean per block (half a step from
 each of the two quantizations).
 
-Byte accounting, per call and per rank, not counting the chunk a rank keeps for itself: each of the
-two phases sends n-1 chunks of C int8 values plus C/block fp32 scales, so
+Byte accounting, per call and per rank, not counting the chunk a rank keeps for itself, summed over
+the tensors passed to the collectives (numel * element_size): each of the two phases sends n-1
+chunks of C int8 values plus C/block fp32 scales, so
     bytes_sent = 2*(n-1)/n * N * (1 + 4/block)
 against 2*(n-1)/n * numel * 4 for a ring fp32 all-reduce (`ring_allreduce_bytes`): about
 (1 + 4/256)/4 = 25.4% at block 256, plus padding (fewer than n*block elements).
@@ -68,6 +69,10 @@ def quantize_blocks(x_N: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.
 def dequantize_blocks(q_N: torch.Tensor, scales_B: torch.Tensor, block: int) -> torch.Tensor:
     """Inverse of `quantize_blocks`: fp32 q * scale of its block, 1-D."""
     return (q_N.view(-1, block).float() * scales_B[:, None]).view(-1)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _update_residual(residual: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block: int):
@@ -159,6 +164,8 @@ class Int8GradAllReduce:
             g.copy_(out_N[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
-        chunk_bytes = C * q_C.element_size() + scales_S.numel() * scales_S.element_size()
-        self.bytes_sent += 2 * (W - 1) * chunk_bytes
+        # Counted from the tensors handed to the collectives: all_to_all sends every chunk of its
+        # inputs but this rank's own; all_gather sends this rank's chunk to each of the W - 1 others.
+        self.bytes_sent += sum(_nbytes(t) for t in (q_N, scales_B)) * (W - 1) // W
+        self.bytes_sent += sum(_nbytes(t) for t in (q_C, scales_S)) * (W - 1)
         self.fp32_bytes += ring_allreduce_bytes(self.numel, 4, W)
