@@ -295,3 +295,41 @@ def test_stage_bad_block_size_fails_before_export_and_keeps_previous_output(proj
         run(int4_block_size=32)  # the debug flavor's kv_lora_rank is 16
     assert (root / "models" / "quantized" / "int4" / "model.onnx").read_bytes() == before
     assert not (root / "metrics" / "quantize.json").exists()
+
+
+def unpack_uint4(packed: np.ndarray) -> np.ndarray:
+    """uint8 bytes → their two 4-bit values, low nibble first (the order MatMulNBits stores them in)."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("k,n,block", [(64, 48, 16), (96, 20, 32)])  # 3 blocks per column: an odd zero-point row
+def test_matmulnbits_equals_a_numpy_dequantization_of_its_stored_blocks(tmp_path, k, n, block):
+    """One MatMul quantized by the project's int4 path; ONNX Runtime's MatMulNBits output equals
+    x @ W_deq.T where W_deq is decoded here from the node's own initializers: packed uint4 codes
+    [N, K/block, block/2], fp32 scales [N * K/block], packed uint4 zero points [N * ceil(K/block / 2)]."""
+    rng = np.random.default_rng(5)
+    w_KN = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                     [h.make_tensor_value_info("x", TP.FLOAT, ["M", k])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, ["M", n])],
+                     [nh.from_array(w_KN, "w")])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save_model(model, tmp_path / "fp32.onnx")
+    q.quantize_int4(tmp_path / "fp32.onnx", tmp_path / "int4.onnx", block_size=block, accuracy_level=0)
+    proto = onnx.load(str(tmp_path / "int4.onnx"))
+    (node,) = proto.graph.node
+    assert node.op_type == "MatMulNBits" and (attr(node, "K"), attr(node, "N"), attr(node, "bits")) == (k, n, 4)
+    assert attr(node, "block_size") == block
+    init = {t.name: nh.to_array(t) for t in proto.graph.initializer}
+    blocks = k // block
+    codes = init[node.input[1]]
+    assert codes.dtype == np.uint8 and codes.shape == (n, blocks, block // 2)
+    q_NK = unpack_uint4(codes).reshape(n, k).astype(np.float32)
+    scales_NB = init[node.input[2]].reshape(n, blocks).astype(np.float32)
+    zp_NB = unpack_uint4(init[node.input[3]].reshape(n, -1))[:, :blocks].astype(np.float32)  # padded per row
+    w_deq_NK = ((q_NK.reshape(n, blocks, block) - zp_NB[..., None]) * scales_NB[..., None]).reshape(n, k)
+    assert 0 < np.abs(w_deq_NK - w_KN.T).max() < 0.5 * np.abs(scales_NB).max() + 1e-6  # round to nearest
+    x = rng.standard_normal((7, k)).astype(np.float32)
+    (y,) = session(tmp_path / "int4.onnx").run(None, {"x": x})
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w_deq_NK.T.astype(np.float64), rtol=1e-5, atol=1e-5)
