@@ -66,12 +66,12 @@ def plot(runs: dict, warmup: int, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.balance", description=__doc__.split("\n\n")[0])
     bd.add_common_args(ap)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=50, help="steps excluded from the median/max")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     runs = {}
     with tempfile.TemporaryDirectory(prefix="moeops-bench-") as tmp:
         for name, (gamma, alpha) in RUNS.items():
@@ -91,13 +91,16 @@ def main() -> None:
             r["target_met_max"] = all(s["max_ok"] for s in r["after_warmup"].values())
             print(f"{name}: {({k: v for k, v in r.items() if k != 'curves'})}", flush=True)
             shutil.rmtree(project)
-    bd.OUT.mkdir(exist_ok=True)
-    plot(runs, a.warmup, bd.OUT / "balance.png")
+    from bench.common import out_dir
+
+    out_dir().mkdir(parents=True, exist_ok=True)
+    plot(runs, a.warmup, out_dir() / "balance.png")
     path = bd.save("balance", "bench.balance", {
         "pretrain": bd.pretrain_params(a, steps=a.steps, log_every=1, checkpoint_every=a.steps), "warmup": a.warmup,
         "target_share": TARGET, "plot": "bench/results/balance.png", "runs": runs,
         "note": "share = busiest expert's tokens / uniform share = 1 + MaxVio, per training step (dvclive); "
-                "median/max over steps > warmup; val loss = models/teacher on 8 fixed val batches (seed 1234)"})
+                "median/max over steps > warmup; val loss = models/teacher on 8 fixed val batches (seed 1234); "
+                "one run per setting (same seed: deterministic)"}, argv)
     layers = list(next(iter(runs.values()))["curves"])
 
     def med_max(s: dict) -> str:
@@ -106,7 +109,7 @@ def main() -> None:
     print(bd.table(["run", *[f"{layer} med/max" for layer in layers], f"<= {TARGET} (median)", "val loss"],
                    [[name, *[med_max(r["after_warmup"][layer]) for layer in layers], r["target_met_median"],
                      r["val_loss"]] for name, r in runs.items()]))
-    print(f"written {path} and {bd.OUT / 'balance.png'}")
+    print(f"written {path} and {out_dir() / 'balance.png'}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ project copies whose data/prepared links to `--prepared`:
     python -m bench.distributed compression [--steps 150]               DP2 gradients none / bf16 / int8: bytes, loss
     python -m bench.distributed recovery    [--checkpoint-every 10]     kill -9 a rank: time until training resumes
     python -m bench.distributed memory      [--steps 6] [--repeats 2]   activation checkpointing off / on: peak RSS
+    python -m bench.distributed same_loss   [--flavor debug] [--steps 20]  every layout's losses vs 1 process
 
 Common options: --flavor (small), --seq-len / --batch-size (params.yaml's; the debug flavor needs
 --seq-len 64), --prepared (data/prepared). Every run starts from params.yaml's pretrain section.
-Results: bench/results/<subcommand>.json (machine, command, date, every run, medians); a table on stdout.
+Results: bench/results/<subcommand>.json (machine, command, date, every run, and per measure the
+spread of the repeats: values, min, median, max); a table on stdout. Ratios are taken per repeat
+(repeat i of a layout against repeat i of 1 process: runs are interleaved).
 All processes of a run share this machine's cores (2 on the reference laptop): a layout of N
 processes gets cores / N threads each, so these numbers measure overhead, not scaling.
 """
@@ -17,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import statistics
@@ -36,7 +37,6 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "bench" / "results"
 PARAMS = REPO / "params.yaml"
 LIVE = Path("dvclive/pretrain/plots/metrics")
 
@@ -173,15 +173,18 @@ def ratio(x: float | None, y: float | None) -> float | None:
     return round(x / y, 4) if x is not None and y else None
 
 
-def save(name: str, module: str, result: dict) -> Path:
-    from bench.run import machine
+def save(name: str, module: str, result: dict, argv: list[str] | None = None) -> Path:
+    from bench.common import save as save_result
 
-    OUT.mkdir(exist_ok=True)
-    path = OUT / f"{name}.json"
-    record = {"machine": machine(), "command": shlex.join(["python", "-m", module, *sys.argv[1:]]),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), **result}
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
+    return save_result(name, module, argv, result)
+
+
+def paired_spread(runs: list[dict], reference: list[dict], key: str) -> dict | None:
+    """Spread of run[key] / reference[key] over the repeats both have (same repeat index)."""
+    from bench.common import spread
+
+    ref = {r["repeat"]: r[key] for r in reference}
+    return spread((r[key] / ref[r["repeat"]] for r in runs if ref.get(r["repeat"])), 4)
 
 
 def fmt(v) -> str:
@@ -231,9 +234,13 @@ def layouts(a: argparse.Namespace, tmp: Path) -> dict:
                              ("tokens_per_s", "steady_tokens_per_s", "all_to_all_bytes_per_step",
                               "grad_bytes_per_step", "wall_seconds")}
     one = summary.get("1proc", {})
-    for s in summary.values():
+    from bench.common import spread
+
+    for name, s in summary.items():
         s["ratio_vs_1proc"] = ratio(s["tokens_per_s"], one.get("tokens_per_s"))
         s["steady_ratio_vs_1proc"] = ratio(s["steady_tokens_per_s"], one.get("steady_tokens_per_s"))
+        s["steady_tokens_per_s_spread"] = spread((r["steady_tokens_per_s"] for r in runs[name]), 1)
+        s["steady_ratio_vs_1proc_spread"] = paired_spread(runs[name], runs["1proc"], "steady_tokens_per_s")
     rows = [[n, s["tokens_per_s"], s["ratio_vs_1proc"], s["steady_tokens_per_s"], s["steady_ratio_vs_1proc"],
              s["all_to_all_bytes_per_step"], s["grad_bytes_per_step"]] for n, s in summary.items()]
     print(table(["layout", "tok/s", "vs 1proc", "steady tok/s", "vs 1proc", "a2a B/step", "grad B/step"], rows))
@@ -242,6 +249,55 @@ def layouts(a: argparse.Namespace, tmp: Path) -> dict:
     return {"pretrain": base, "layouts": LAYOUTS, "runs": runs, "skipped": skipped, "median": summary,
             "note": "tokens_per_s: the stage's (whole run incl. first step and final checkpoint); steady: median "
                     "per-step tokens/s after the first step. All processes share the machine's cores."}
+
+
+# ---------------------------------------------------------------- same loss
+
+
+def same_loss(a: argparse.Namespace, tmp: Path) -> dict:
+    """Every layout trains the same model as 1 process (what tests/test_distributed.py asserts at
+    rel 1e-4): the largest relative difference of any step's train loss and of the trained model's
+    val loss against the 1-process run, per layout."""
+    seq = {"seq_len": 64, "batch_size": 8} if a.flavor == "debug" and not a.seq_len else {}
+    base = pretrain_params(a, steps=a.steps, log_every=1, checkpoint_every=a.steps, **seq)
+    runs: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    reference: tuple[list[float], float] | None = None
+    for name, layout in LAYOUTS.items():  # 1proc first: the reference
+        project = make_project(tmp, a.prepared, {**base, **layout})
+        proc, wall = run_stage(project)
+        if proc.returncode:
+            if reference is None:
+                check(proc)
+            skipped[name] = ("refused, " if proc.returncode == 2 else "failed, ") + failure(proc)
+            print(f"{name}: skipped ({skipped[name]})", flush=True)
+            continue
+        losses = [v for _, v in read_tsv(project, "train/loss")]
+        val = val_loss(project, a.prepared)
+        shutil.rmtree(project)
+        if reference is None:
+            reference = (losses, val)
+        ref_losses, ref_val = reference
+        rel = [abs(x - y) / abs(y) for x, y in zip(losses, ref_losses)]
+        runs[name] = {"layout": layout, "steps_logged": len(losses), "train_losses": losses,
+                      "max_rel_diff_train_loss": max(rel) if rel else None,
+                      "rel_diff_val_loss": abs(val - ref_val) / abs(ref_val), "val_loss": round(val, 6),
+                      "wall_seconds": round(wall, 1)}
+        print(f"{name}: max rel diff train {runs[name]['max_rel_diff_train_loss']:.2e}, "
+              f"val {runs[name]['rel_diff_val_loss']:.2e}", flush=True)
+    others = {n: r for n, r in runs.items() if n != "1proc"}
+    worst = max((max(r["max_rel_diff_train_loss"] or 0.0, r["rel_diff_val_loss"]) for r in others.values()),
+                default=None)
+    complete = not skipped and all(r["steps_logged"] == a.steps for r in runs.values())
+    met = complete and worst is not None and worst <= a.tolerance
+    print(table(["layout", "steps", "max rel diff (train loss)", "rel diff (val loss)"],
+                [[n, r["steps_logged"], r["max_rel_diff_train_loss"], r["rel_diff_val_loss"]]
+                 for n, r in runs.items()]))
+    return {"pretrain": base, "runs": runs, "skipped": skipped, "max_rel_diff": worst, "tolerance": a.tolerance,
+            "verdict": "met" if met else "not met",
+            "note": "relative differences against the 1-process run: every logged step's train loss, and the val "
+                    "loss of models/teacher on 8 fixed val batches; deterministic (fp32 reduction order), so one "
+                    "run per layout"}
 
 
 # ---------------------------------------------------------------- compression
@@ -364,8 +420,11 @@ def recovery(a: argparse.Namespace, tmp: Path) -> dict:
         for flavor in a.flavors:
             runs[flavor].append(recover_once(a, tmp, flavor))
             print(f"{flavor} #{repeat}: {runs[flavor][-1]}", flush=True)
+    from bench.common import spread
+
     summary = {f: {"crash_to_resumed_s": median(r["crash_to_resumed_s"] for r in rs),
                    "crash_to_next_step_s": median(r["crash_to_next_step_s"] for r in rs),
+                   "crash_to_next_step_s_spread": spread((r["crash_to_next_step_s"] for r in rs), 2),
                    "steps_lost": median(r["steps_lost"] for r in rs),
                    "all_completed": all(r["completed"] for r in rs)} for f, rs in runs.items()}
     print(table(["flavor", "kill->resumed s", "kill->next step s", "steps lost", "completed"],
@@ -397,21 +456,24 @@ def memory(a: argparse.Namespace, tmp: Path) -> dict:
     summary = {mode: {k: median(r[k] for r in rs) for k in ("peak_rss_gb", "tokens_per_s", "steady_tokens_per_s")}
                for mode, rs in runs.items()}
     summary["on_vs_off"] = {k: ratio(summary["on"][k], summary["off"][k]) for k in summary["off"]}
+    summary["on_vs_off_spread"] = {k: paired_spread(runs["on"], runs["off"], k) for k in summary["off"]}
     print(table(["checkpointing", "peak RSS GB", "tok/s", "steady tok/s"],
                 [[mode, s["peak_rss_gb"], s["tokens_per_s"], s["steady_tokens_per_s"]] for mode, s in summary.items()]))
     return {"pretrain": base, "runs": runs, "median": summary,
             "note": "1 process; peak_rss_gb = the stage process's max RSS over the whole run (model, data, save)"}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.distributed", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
-    for name, steps, repeats in [("layouts", 12, 3), ("compression", 150, None), ("memory", 6, 2)]:
+    for name, steps, repeats in [("layouts", 12, 3), ("compression", 150, None), ("memory", 6, 2),
+                                 ("same_loss", 20, None)]:
         sp = sub.add_parser(name)
         add_common_args(sp)
         sp.add_argument("--steps", type=int, default=steps)
         if repeats:
             sp.add_argument("--repeats", type=int, default=repeats)
+    sub.choices["same_loss"].add_argument("--tolerance", type=float, default=1e-4)
     sp = sub.add_parser("recovery")
     add_common_args(sp, flavor=False)
     sp.add_argument("--flavors", nargs="+", default=["debug", "small"],
@@ -421,11 +483,11 @@ def main() -> None:
                     help="default: 2 x checkpoint_every + 5 (debug: 10 x checkpoint_every)")
     sp.add_argument("--lost", type=int, default=3, help="steps past the checkpoint before the kill")
     sp.add_argument("--repeats", type=int, default=2)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="moeops-bench-") as tmp:
-        result = {"layouts": layouts, "compression": compression, "recovery": recovery, "memory": memory}[a.what](
-            a, Path(tmp))
-    print(f"written {save(a.what, 'bench.distributed', result)}")
+        result = {"layouts": layouts, "compression": compression, "recovery": recovery, "memory": memory,
+                  "same_loss": same_loss}[a.what](a, Path(tmp))
+    print(f"written {save(a.what, 'bench.distributed', result, argv)}")
 
 
 if __name__ == "__main__":

@@ -1,41 +1,54 @@
-"""`make bench`: run every benchmark, save bench/results/<name>.json with the machine and
-date, and print them. BENCHMARKS.md quotes these files."""
+"""`python -m bench.run NAME [ARGS...]`: run one benchmark with the arguments BENCHMARKS.md quotes
+(ARGS are appended, so a later option overrides a default), save bench/results/<name>.json with
+the machine, command, date and the spread of repeated runs, and print it.
+
+    python -m bench.run --list     the names, their commands and rough run times on the 2-core laptop
+    python -m bench.run            (`make bench`) train_step and tokenize
+
+$MOEOPS_BENCH_OUT=DIR writes the results there instead (scratch runs)."""
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
+import importlib
 import sys
-from pathlib import Path
 
-import torch
+from bench.common import machine  # noqa: F401  (bench scripts and older code import it from here)
 
-from bench import inference, tokenize, train_step
+# name -> (module, default arguments, rough wall time on the 2-core reference laptop, what it needs)
+BENCHES: dict[str, tuple[str, list[str], str, str]] = {
+    "train_step": ("bench.train_step", ["--repeats", "7"], "2 min", ""),
+    "profile_step": ("bench.profile_step", [], "1 min", ""),
+    "compile_step": ("bench.compile_step", ["--repeats", "5"], "6 min", "a C++ compiler (inductor)"),
+    "tokenize": ("bench.tokenize", ["--repeats", "3"], "1 min", ""),
+    "inference": ("bench.inference", ["--rounds", "7"], "2 min", "make pipeline's models and exports"),
+    "layouts": ("bench.distributed", ["layouts", "--steps", "8", "--repeats", "3"], "15 min", "data/prepared"),
+    "same_loss": ("bench.distributed", ["same_loss", "--flavor", "debug", "--steps", "20"], "4 min", "data/prepared"),
+    "compression": ("bench.distributed", ["compression", "--steps", "100"], "14 min", "data/prepared"),
+    "recovery": ("bench.distributed", ["recovery", "--repeats", "3"], "6 min", "data/prepared"),
+    "memory": ("bench.distributed", ["memory", "--steps", "6", "--repeats", "3"], "3 min", "data/prepared"),
+    "balance": ("bench.balance", ["--steps", "120", "--warmup", "40"], "20 min", "data/prepared"),
+    "gate_registry": ("bench.gate_registry", ["--repeats", "3"], "12 min", "make pipeline's exports and metrics"),
+    "pipeline": ("bench.pipeline", [], "30 min", "a committed checkout (runs `dvc repro` in a fresh clone)"),
+}
+DEFAULT = ["train_step", "tokenize"]
 
-OUT = Path(__file__).resolve().parent / "results"
 
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.date.today().isoformat()}
-
-
-def main() -> None:
-    OUT.mkdir(exist_ok=True)
-    which = sys.argv[1:] or ["train_step", "tokenize"]
-    runs = {
-        "train_step": lambda: train_step.run("small", 16, 256, 5, torch.get_num_threads()),
-        "tokenize": lambda: tokenize.run(3),
-        "inference": lambda: inference.run(),
-    }
-    for name in which:
-        result = {"machine": machine(), "command": f"python -m bench.run {name}", **runs[name]()}
-        (OUT / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--list"]:
+        for name, (module, args, minutes, needs) in BENCHES.items():
+            needs = f"   (needs {needs})" if needs else ""
+            print(f"{name:14} ~{minutes:7} python -m {module} {' '.join(args)}{needs}")
+        return
+    if not argv:
+        for name in DEFAULT:
+            main([name])
+        return
+    name, extra = argv[0], argv[1:]
+    if name not in BENCHES:
+        raise SystemExit(f"error: unknown benchmark {name!r}; one of: {', '.join(BENCHES)}")
+    module, args, _, _ = BENCHES[name]
+    importlib.import_module(module).main([*args, *extra])
 
 
 if __name__ == "__main__":
