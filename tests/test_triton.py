@@ -219,6 +219,116 @@ def test_rewrite_replaces_the_repository_and_bad_input_writes_nothing(tmp_path, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directory left
 
 
+# ---------------------------------------------------------------- the real export, read by protobuf
+
+
+def model_config_class():
+    """The part of Triton's model_config.proto (inference.ModelConfig) that config.pbtxt uses, with
+    Triton's field names, numbers, types and enums, so protobuf's own text-format parser reads the
+    file strictly (an unknown field, a misspelled enum or a string where a number belongs fails).
+    tritonclient, which ships the full generated module, is not installed here."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    fd = descriptor_pb2.FileDescriptorProto(name="model_config_subset.proto", package="inference", syntax="proto3")
+    data_type = fd.enum_type.add(name="DataType")
+    for number, name in enumerate(["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32",
+                                   "TYPE_UINT64", "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16",
+                                   "TYPE_FP32", "TYPE_FP64", "TYPE_STRING", "TYPE_BF16"]):
+        data_type.value.add(name=name, number=number)
+
+    def message(parent, name, *fields):
+        m = parent.add(name=name)
+        for field, number, kind, repeated, type_name in fields:
+            f = m.field.add(name=field, number=number, type=kind,
+                            label=F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL)
+            if type_name:
+                f.type_name = type_name
+        return m
+
+    string, enum, msg = F.TYPE_STRING, F.TYPE_ENUM, F.TYPE_MESSAGE
+    message(fd.message_type, "ModelInput", ("name", 1, string, False, None),
+            ("data_type", 2, enum, False, ".inference.DataType"), ("dims", 4, F.TYPE_INT64, True, None))
+    message(fd.message_type, "ModelOutput", ("name", 1, string, False, None),
+            ("data_type", 2, enum, False, ".inference.DataType"), ("dims", 3, F.TYPE_INT64, True, None))
+    group = message(fd.message_type, "ModelInstanceGroup", ("name", 1, string, False, None),
+                    ("count", 2, F.TYPE_INT32, False, None),
+                    ("kind", 4, enum, False, ".inference.ModelInstanceGroup.Kind"))
+    kind = group.enum_type.add(name="Kind")
+    for number, name in enumerate(["KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"]):
+        kind.value.add(name=name, number=number)
+    message(fd.message_type, "ModelDynamicBatching", ("preferred_batch_size", 1, F.TYPE_INT32, True, None),
+            ("max_queue_delay_microseconds", 2, F.TYPE_UINT64, False, None))
+    warmup = message(fd.message_type, "ModelWarmup", ("name", 1, string, False, None),
+                     ("batch_size", 2, F.TYPE_UINT32, False, None),
+                     ("inputs", 3, msg, True, ".inference.ModelWarmup.InputsEntry"))
+    message(warmup.nested_type, "Input", ("data_type", 1, enum, False, ".inference.DataType"),
+            ("dims", 2, F.TYPE_INT64, True, None), ("zero_data", 3, F.TYPE_BOOL, False, None),
+            ("random_data", 4, F.TYPE_BOOL, False, None), ("input_data_file", 5, string, False, None))
+    entry = message(warmup.nested_type, "InputsEntry", ("key", 1, string, False, None),
+                    ("value", 2, msg, False, ".inference.ModelWarmup.Input"))
+    entry.options.map_entry = True
+    message(fd.message_type, "ModelConfig", ("name", 1, string, False, None), ("platform", 2, string, False, None),
+            ("max_batch_size", 4, F.TYPE_INT32, False, None), ("input", 5, msg, True, ".inference.ModelInput"),
+            ("output", 6, msg, True, ".inference.ModelOutput"),
+            ("instance_group", 7, msg, True, ".inference.ModelInstanceGroup"),
+            ("dynamic_batching", 11, msg, False, ".inference.ModelDynamicBatching"),
+            ("model_warmup", 16, msg, True, ".inference.ModelWarmup"), ("backend", 17, string, False, None))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fd)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
+
+
+ORT_TYPE = {"tensor(int64)": "TYPE_INT64", "tensor(float)": "TYPE_FP32"}
+
+
+def ort_io(args) -> list[tuple[str, str, list[int]]]:
+    """(name, Triton type, dims after the batch dim, -1 where dynamic) as ONNX Runtime sees the graph."""
+    return [(a.name, ORT_TYPE[a.type], [d if isinstance(d, int) else -1 for d in a.shape[1:]]) for a in args]
+
+
+def test_config_of_the_real_debug_export_matches_its_graph(tmp_path):
+    """The debug student exported and quantized as the export stage does (int8, the default
+    export.triton_variant); config.pbtxt parsed by protobuf against Triton's schema, compared
+    with the graph ONNX Runtime loads from the repository."""
+    import torch
+    from google.protobuf import text_format
+
+    from moeops.compress.quantize import quantize_int8
+    from moeops.config import make_model_args
+    from moeops.export.onnx import export_onnx
+    from moeops.model.transformer import build_model
+
+    args = make_model_args("debug", {"vocab_size": 96, "max_seq_len": 32})
+    torch.manual_seed(0)
+    export_onnx(build_model(args, seed=0).eval(), tmp_path / "fp32.onnx")
+    quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8" / "model.onnx")
+    out = tmp_path / "triton"
+    write_triton_repo(tmp_path / "int8" / "model.onnx", out, "moeops", max_batch_size=8, max_queue_delay_us=2000)
+    cfg = text_format.Parse((out / "moeops/config.pbtxt").read_text(), model_config_class()())
+    session = ort.InferenceSession(str(out / "moeops/1/model.onnx"), providers=["CPUExecutionProvider"])
+    enum = cfg.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"].enum_type
+    got_in = [(i.name, enum.values_by_number[i.data_type].name, list(i.dims)) for i in cfg.input]
+    got_out = [(o.name, enum.values_by_number[o.data_type].name, list(o.dims)) for o in cfg.output]
+    assert got_in == ort_io(session.get_inputs()) and got_out == ort_io(session.get_outputs())
+    # What the graph is, independently of how it was read: ids and mask [B, S|T], a latent and a
+    # rope cache per layer [B, past, width], logits [B, S, V].
+    caches = [f"past_{k}.{i}" for i in range(args.n_layers) for k in ("latent", "rope")]
+    assert [n for n, _, _ in got_in] == ["input_ids", "attention_mask", *caches]
+    assert got_in[0] == ("input_ids", "TYPE_INT64", [-1]) and got_in[1] == ("attention_mask", "TYPE_INT64", [-1])
+    assert got_in[2] == ("past_latent.0", "TYPE_FP32", [-1, args.kv_lora_rank])
+    assert got_in[3] == ("past_rope.0", "TYPE_FP32", [-1, args.qk_rope_head_dim])
+    assert got_out[0] == ("logits", "TYPE_FP32", [-1, args.vocab_size])
+    assert [n for n, _, _ in got_out[1:]] == [c.replace("past_", "present_") for c in caches]
+    assert cfg.max_batch_size == 8 and cfg.backend == "onnxruntime" and cfg.platform == "onnxruntime_onnx"
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4, 8]
+    [warmup] = cfg.model_warmup
+    assert sorted(warmup.inputs) == sorted(n for n, _, _ in got_in)
+    assert [i.count for i in cfg.instance_group] == [1]
+    with pytest.raises(text_format.ParseError):  # the parser is strict: a field Triton does not know fails
+        text_format.Parse((out / "moeops/config.pbtxt").read_text() + "max_batch: 3\n", model_config_class()())
+
+
 # ---------------------------------------------------------------- TensorRT
 
 
