@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +18,23 @@ import yaml
 
 from moeops.cli import UserError
 from moeops.io import sha256_file
-from moeops.registry import champion, history, resolve
+from moeops.registry import champion, history, resolve, verify
 from moeops.registry.promotion import ARTIFACTS, promote_from_gate
 
 ROOT = Path(__file__).resolve().parents[1]
 JUDGED = ["exports/onnx/int8/model.onnx", "exports/onnx/int8/tokenizer.json", "metrics/eval.json"]
+
+
+def write_lineage(model_dir: Path) -> None:
+    """The lineage.json a producing stage writes: the sha256 of every file of the directory."""
+    checksums = {p.name: sha256_file(p) for p in sorted(model_dir.iterdir()) if p.name != "lineage.json"}
+    (model_dir / "lineage.json").write_text(json.dumps({"stage": "export", "checksums": checksums}))
+
+
+def retrain(repo: Path, content: str, variant: str = "int8") -> None:
+    """A new candidate, as the stages write it: the model and the lineage.json recording it."""
+    (repo / f"exports/onnx/{variant}/model.onnx").write_text(content)
+    write_lineage(repo / f"exports/onnx/{variant}")
 
 
 def write_gate(repo: Path, decision: str = "promote", champion_version: str | None = None) -> Path:
@@ -41,6 +55,7 @@ def repo(tmp_path: Path) -> Path:
             path.mkdir(parents=True)
             for name in ("model.onnx", "tokenizer.json", "config.json"):
                 (path / name).write_text(f"{src}/{name}")
+            write_lineage(path)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(src)
@@ -66,6 +81,12 @@ def test_promote_registers_the_run_then_a_new_candidate_replaces_it(repo):
     manifest = json.loads((v1 / "manifest.json").read_text())
     judged = json.loads((repo / "metrics/gate.json").read_text())["lineage"]["inputs"]
     assert manifest["lineage"]["gate"]["inputs"] == judged
+    # the export's recorded hashes travel with the version: export -> gate -> registry is checkable end to end
+    exported = manifest["lineage"]["export_checksums"]
+    assert exported["onnx/int8/model.onnx"] == judged["exports/onnx/int8/model.onnx"] == sha256_file(
+        v1 / "onnx/int8/model.onnx")
+    assert set(exported) == {f"{d}/{n}" for d in ("onnx/fp32", "onnx/int8", "onnx/int4", "hf")
+                             for n in ("model.onnx", "tokenizer.json", "config.json")}
     assert manifest["lineage"]["dvc_lock_sha256"] == sha256_file(repo / "dvc.lock")
 
     # The same model judged again: nothing to register (even by a gate that ran before v1 existed).
@@ -73,7 +94,7 @@ def test_promote_registers_the_run_then_a_new_candidate_replaces_it(repo):
         write_gate(repo, champion_version=judged_champion)
         assert "v1 is this model already" in promote_from_gate(Path("metrics/gate.json"), repo)["reasons"][0]
     # A retrained candidate: v2 becomes champion, v1 the rollback target.
-    (repo / "exports/onnx/int8/model.onnx").write_text("retrained")
+    retrain(repo, "retrained")
     write_gate(repo, champion_version="v1")
     proc = cli(repo)
     assert proc.returncode == 0 and "registered v2" in proc.stdout and "previous: v1" in proc.stdout
@@ -83,7 +104,7 @@ def test_promote_registers_the_run_then_a_new_candidate_replaces_it(repo):
 
 def test_reject_leaves_the_registry_alone_and_exits_1(repo):
     promote_from_gate(Path("metrics/gate.json"), repo)
-    (repo / "exports/onnx/int8/model.onnx").write_text("worse")
+    retrain(repo, "worse")
     write_gate(repo, "reject", champion_version="v1")
     before = (repo / "reg/audit.jsonl").read_bytes()
     proc = cli(repo)
@@ -102,14 +123,14 @@ def bad(repo: Path, message: str, env: dict | None = None) -> None:
 
 def test_bad_input_is_one_line_exit_2_and_registers_nothing(repo, tmp_path):
     # A gate.json from another run: the judged model is not the one on disk.
-    (repo / "exports/onnx/int8/model.onnx").write_text("another run")
+    retrain(repo, "another run")
     bad(repo, "metrics/gate.json: lineage mismatch: exports/onnx/int8/model.onnx changed since the gate ran")
     write_gate(repo)
     promote_from_gate(Path("metrics/gate.json"), repo)
     # A new candidate, judged when there was no champion yet: v1 was promoted since.
-    (repo / "exports/onnx/int8/model.onnx").write_text("new")
+    retrain(repo, "new")
     write_gate(repo)
-    bad(repo, "lineage mismatch: the gate compared against champion none, the registry's champion is now v1")
+    bad(repo, "champion changed: the gate compared against champion none, the registry's champion is now v1")
     # A candidate artifact the gate did not judge is gone.
     write_gate(repo, champion_version="v1")
     os.rename(repo / "exports/hf", repo / "hf.moved")
@@ -150,3 +171,70 @@ def test_registry_params_are_validated(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump({"registry": {"name": "../up"}}))
     with pytest.raises(UserError, match=r"registry.name: String should match pattern"):
         promote_from_gate(Path("metrics/gate.json"), repo)
+
+
+def test_only_the_bytes_the_export_recorded_are_registered(repo):
+    """The issue's case: one byte of the int8 model nudged after the export (the gate judged the nudged file):
+    its lineage.json still records the exported sha256, so nothing is registered; the line names both hashes."""
+    exported = sha256_file(repo / "exports/onnx/int8/model.onnx")
+    (repo / "exports/onnx/int8/model.onnx").write_text("exports/onnx/int8/model.onnx nudged")
+    write_gate(repo)  # the gate ran on the nudged file
+    nudged = sha256_file(repo / "exports/onnx/int8/model.onnx")
+    bad(repo, f"exports/onnx/int8/model.onnx: fails its checksum (sha256 {nudged}, lineage.json records {exported})")
+    # A model directory that records nothing is refused, not "nothing to check" (in-process from here: quicker).
+    retrain(repo, "exports/onnx/int8/model.onnx")
+    (repo / "exports/hf/lineage.json").unlink()
+    write_gate(repo)
+    with pytest.raises(UserError, match="exports/hf/lineage.json: missing"):
+        promote_from_gate(Path("metrics/gate.json"), repo)
+    write_lineage(repo / "exports/hf")
+    # A symlink out of a registered directory is refused, naming it (the registry never follows it).
+    (tmp := repo.parent / "outside.bin").write_text("not part of the export")
+    (repo / "exports/onnx/fp32/extra.bin").symlink_to(tmp)
+    with pytest.raises(UserError, match="exports/onnx/fp32/extra.bin: a symlink to .*outside.bin, outside "):
+        promote_from_gate(Path("metrics/gate.json"), repo)
+    (repo / "exports/onnx/fp32/extra.bin").unlink()
+    assert not (repo / "reg").exists()
+    # All consistent: registered, and `moeops registry verify` checks the files against the export's hashes.
+    assert promote_from_gate(Path("metrics/gate.json"), repo)["version"] == "v1"
+    assert verify(repo / "reg", "lm") == ["v1"]
+
+
+def test_two_promotions_judged_against_the_same_champion_one_wins(repo, tmp_path):
+    """Two candidates, both judged against champion v1, promoted at the same time by two processes: both pass the
+    early champion check and stage their copies (the test holds the registry lock until both have), then the check,
+    the commit and the alias move happen under one lock, so exactly one wins and the other registers nothing."""
+    from moeops.registry.store import registry_lock
+
+    promote_from_gate(Path("metrics/gate.json"), repo)
+    other = tmp_path / "other"
+    shutil.copytree(repo, other, ignore=shutil.ignore_patterns("reg"))
+    (other / "params.yaml").write_text(yaml.safe_dump({"registry": {"root": str(repo / "reg"), "name": "lm",
+                                                                    "gto_tags": "off"}}))
+    for r, content in ((repo, "candidate A"), (other, "candidate B")):
+        retrain(r, content)
+        write_gate(r, champion_version="v1")
+    reg = repo / "reg"
+    audit = (reg / "audit.jsonl").read_text()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with registry_lock(reg):
+        procs = [subprocess.Popen([sys.executable, "-m", "moeops", "promote", "--from-gate", "metrics/gate.json"],
+                                  cwd=r, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in (repo, other)]
+        deadline = time.monotonic() + 120
+        while len(os.listdir(reg / ".staging")) < 2:  # both are past the early check, copying or waiting
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, [p.communicate() for p in
+                                                                                          procs]
+            time.sleep(0.05)
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    assert sorted(rc for rc, _, _ in results) == [0, 2], results
+    [(_, won, _)] = [r for r in results if r[0] == 0]
+    [(_, _, lost)] = [r for r in results if r[0] == 2]
+    assert "registered v2" in won and lost.count("\n") == 1, results
+    assert lost.startswith("error: ") and ("metrics/gate.json: champion changed: the gate compared against champion "
+                                           "v1, the registry's champion is now v2; re-run the gate stage") in lost, lost
+    assert sorted(os.listdir(reg / "versions/lm")) == ["v1", "v2"] and os.listdir(reg / ".staging") == []
+    new = (reg / "audit.jsonl").read_text()[len(audit):].splitlines()
+    assert [json.loads(x)["action"] for x in new] == ["register", "promote"]
+    winner = repo if "candidate A" in (reg / "versions/lm/v2/onnx/int8/model.onnx").read_text() else other
+    assert (winner is repo) == (results[0][0] == 0)

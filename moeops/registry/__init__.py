@@ -7,10 +7,12 @@ from moeops.registry.store import (
     list_models,
     promote,
     register,
+    register_champion,
     resolve,
     rollback,
     show,
     verify,
 )
 
-__all__ = ["champion", "history", "list_models", "promote", "register", "resolve", "rollback", "show", "verify"]
+__all__ = ["champion", "history", "list_models", "promote", "register", "register_champion", "resolve", "rollback",
+           "show", "verify"]

@@ -6,11 +6,20 @@ target; GTO tags too when `registry.gto_tags` is auto and the repository is a gi
 reject: the registry is untouched. Exit 0 = promoted (or already champion), 1 = rejected, 2 = bad
 input. The gate.json must describe the artifacts on disk (every input's sha256) and the champion
 it was compared with must still be the champion; otherwise nothing is registered.
+
+Chain of custody: every registered model directory (exports/onnx/*, exports/hf) must carry a
+lineage.json whose `checksums` its files match; the bytes copied into the registry must equal both
+what the gate judged (gate.json lineage.inputs) and what the producing stage recorded, and the
+version's manifest keeps the latter as lineage.export_checksums, which `moeops registry verify` (and
+every resolve) checks again. The champion check, the registration and the alias move happen under
+one registry lock (store.register_champion), so of two promotions judged against the same champion
+only the first wins.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -25,6 +34,8 @@ from moeops.io import sha256_file
 from moeops.lineage import git_commit
 
 DECISIONS = ("promote", "reject")
+# model directories: each carries a lineage.json with the sha256 of its files
+MODEL_DIRS = ("onnx/fp32", "onnx/int8", "onnx/int4", "hf")
 # registered path -> path in the repository
 ARTIFACTS = {"onnx/fp32": "exports/onnx/fp32", "onnx/int8": "exports/onnx/int8", "onnx/int4": "exports/onnx/int4",
              "hf": "exports/hf", "tokenizer.json": "data/prepared/tokenizer.json",
@@ -73,8 +84,41 @@ def check_champion(gate: dict[str, Any], gate_path: Path, current_champion: str 
     """The gate compared against the champion that is still the champion."""
     judged = gate["lineage"].get("champion")
     if judged != current_champion:
-        raise UserError(f"{gate_path}: lineage mismatch: the gate compared against champion {judged or 'none'}, "
-                        f"the registry's champion is now {current_champion or 'none'}; re-run the gate stage")
+        raise champion_changed(gate_path, judged, current_champion)
+
+
+def champion_changed(gate_path: Path, judged: str | None, current: str | None) -> UserError:
+    return UserError(f"{gate_path}: champion changed: the gate compared against champion {judged or 'none'}, "
+                     f"the registry's champion is now {current or 'none'}; re-run the gate stage")
+
+
+def registered_relpath(rel: str) -> str | None:
+    """Where a repository file lands in the version (None: not registered)."""
+    for dst, src in ARTIFACTS.items():
+        if rel == src or rel.startswith(src + "/"):
+            return dst + rel[len(src):]
+    return None
+
+
+def export_checksums(repo: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """({registered relpath: sha256 its producing stage recorded}, {registered lineage.json: sha256 of the bytes
+    read}) for every model directory, after verify_checksums has checked the directory. The second pins the
+    lineage.json files, so the recorded hashes are those of the lineage.json that gets registered."""
+    from moeops.model.io import verify_checksums
+
+    recorded, pinned = {}, {}
+    for dst in MODEL_DIRS:
+        model_dir = repo / ARTIFACTS[dst]
+        verify_checksums(model_dir)  # no lineage.json, or a file that fails it: one line, exit 2
+        path = model_dir / "lineage.json"
+        try:
+            raw = path.read_bytes()
+            checksums = json.loads(raw)["checksums"]
+            recorded.update({f"{dst}/{name}": str(sha) for name, sha in checksums.items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{path}: unreadable or without checksums ({type(e).__name__})") from None
+        pinned[f"{dst}/lineage.json"] = hashlib.sha256(raw).hexdigest()
+    return recorded, pinned
 
 
 def version_lineage(repo: Path, gate: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +152,8 @@ def same_model(champion_manifest: dict[str, Any], gate: dict[str, Any], files: d
 def promote_from_gate(gate_path: Path, repo: Path = Path(".")) -> dict[str, Any]:
     """Register and promote on a `promote` decision, nothing on `reject`. Returns what happened:
     {decision, champion, previous, version, reasons, registered}."""
-    from moeops.registry import champion, promote, register, show
+    from moeops.registry import champion, register_champion, show
+    from moeops.registry.store import EXPORT_CHECKSUMS, ChampionChanged
 
     repo = repo.resolve()
     gate_path = gate_path if gate_path.is_absolute() else repo / gate_path
@@ -127,11 +172,19 @@ def promote_from_gate(gate_path: Path, repo: Path = Path(".")) -> dict[str, Any]
     for dst, src in files.items():
         if not src.exists():
             raise UserError(f"{src}: missing (registered as {dst}); run `dvc repro` first")
+    recorded, pinned = export_checksums(repo)
+    judged = {dst: sha for rel, sha in gate["lineage"]["inputs"].items() if (dst := registered_relpath(rel))}
     files["metrics/gate.json"] = gate_path
     metrics = {"bits_per_byte": gate["candidate"].get("bits_per_byte"), "candidate": gate["candidate"]["variant"]}
     reason = f"gate promote vs {current or 'no champion'}"
-    version = register(root, name, files, version_lineage(repo, gate), metrics, reason=reason)
-    promote(root, name, version, reason, gto_repo=repo if gto else None)
+    lineage = version_lineage(repo, gate) | {EXPORT_CHECKSUMS: recorded}
+    expected = {f"{gate_path.name} lineage.inputs (what the gate judged)": judged,
+                "the lineage.json checked before the copy": pinned}
+    try:  # copies and hashes, then under one lock: champion still `current`, commit, champion alias
+        version = register_champion(root, name, files, lineage, metrics, reason, judged_against=current,
+                                    expected=expected, gto_repo=repo if gto else None)
+    except ChampionChanged as e:
+        raise champion_changed(gate_path, e.expected, e.current) from None
     return out | {"champion": version, "version": version, "registered": True}
 
 

@@ -9,7 +9,10 @@ Layout under `root`:
                               `previous` is the champion history (a stack, oldest first): promote pushes the old
                               champion, rollback pops it back
   audit.jsonl                 one fsynced JSON line per change: time (UTC), action, name, from, to, reason, user, pid
-  .staging/<pid>-<hex>/       a register in progress (hidden; removed by the next register once <pid> is dead)
+  .staging/<host>-<boot>-<pidns>-<pid>-<hex>/
+                              a register in progress (hidden). The next register removes it only when it was made on
+                              this host, in this boot (/proc/sys/kernel/random/boot_id) and pid namespace, by a pid
+                              that is dead; a dir of another host or boot (a shared filesystem) is left alone
   .lock                       exclusive fcntl.flock target; the kernel drops it when its holder dies
 
 A version is committed by one rename of its fully written, fsynced staging dir; aliases are replaced by a temp
@@ -18,8 +21,18 @@ file + fsync + rename. So a kill at any instant leaves the previous state readab
 challenger and has no audit line). Writers (register's commit, promote, rollback) hold the lock; readers (resolve,
 show, history, list_models, verify, champion) need none because every file they read is replaced atomically or
 never changes. Copying and hashing a register's files happen before the lock, so a big model does not block a
-rollback; promote/rollback verify their target's checksums under the lock, so nothing can change in between.
-With `gto_repo`, promote and rollback also write GTO git tags (registry vN = GTO vN.0.0; see gto.py).
+rollback; under the lock the commit re-hashes the staged files against the manifest (a staging dir removed or
+changed by another process is never committed), and promote/rollback verify their target's checksums, so nothing
+can change in between. register_champion checks that the champion is still the one a gate judged against, commits
+and moves the champion alias under that one lock, so two promotions judged against the same champion cannot both
+win. With `gto_repo`, promote and rollback also write GTO git tags (registry vN = GTO vN.0.0; see gto.py).
+
+Chain of custody: register's `expected` ({who recorded it: {registered relpath: sha256}}) and the lineage's
+`export_checksums` ({registered relpath: sha256}, what the producing stage recorded) are compared with the hashes of
+the bytes actually copied into the staging dir; verify_dir (and so resolve, show, verify, promote) checks the
+files against `export_checksums` again. Symlinks: a source named in `files` is followed (the caller chose it);
+inside a source directory, a symlink to a regular file inside that directory is registered as a regular file with
+its target's content, and any other symlink (out of the directory, dangling, or to a directory) is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +45,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import stat
 import sys
 import time
 import uuid
@@ -48,6 +63,7 @@ NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?")
 VERSION_RE = re.compile(r"v[1-9][0-9]{0,8}")
 ALIASES = ("champion", "challenger")
 MANIFEST = "manifest.json"
+EXPORT_CHECKSUMS = "export_checksums"  # lineage key: {registered relpath: sha256 the producing stage recorded}
 LOCK_TIMEOUT_S = 30.0  # read at call time, so tests (and callers) can lower it
 
 
@@ -176,6 +192,15 @@ def _read_aliases(root: Path, name: str) -> dict[str, Any]:
     return out
 
 
+class ChampionChanged(UserError):
+    """register_champion: the champion is no longer the one the caller judged against."""
+
+    def __init__(self, name: str, expected: str | None, current: str | None) -> None:
+        self.expected, self.current = expected, current
+        super().__init__(f"{name}: champion changed: judged against {expected or 'none'}, the champion is now "
+                         f"{current or 'none'}")
+
+
 def _write_aliases(root: Path, name: str, aliases: dict[str, Any]) -> None:
     atomic_write_json(_aliases_path(root, name), aliases)
 
@@ -227,17 +252,53 @@ def verify_dir(vdir: Path) -> dict[str, Any]:
     extra = sorted(set(actual) - set(recorded))
     if extra:
         raise UserError(f"{vdir / extra[0]}: not in the manifest; the file was added after registration")
+    exported = manifest.get("lineage", {}).get(EXPORT_CHECKSUMS) or {}
+    for rel, sha in sorted(exported.items()):
+        got = actual.get(rel, {}).get("sha256", "missing")
+        if got != sha:
+            raise UserError(f"{vdir / rel}: sha256 {got}, but its producing stage recorded {sha} (manifest "
+                            f"lineage.{EXPORT_CHECKSUMS})")
     return manifest
 
 
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "") or None
+    except OSError:
+        return None
+
+
+def _owner() -> str | None:
+    """'<host>-<boot id>-<pid namespace>' of this process; None where the boot id is unknown (not Linux): then no
+    staging dir can be proven abandoned, and none is removed."""
+    boot = _boot_id()
+    if boot is None:
+        return None
+    host = re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "unknown"
+    try:
+        pidns = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "0"
+    except OSError:
+        pidns = "0"
+    return f"{host}-{boot}-{pidns}"
+
+
+def _staging_name() -> str:
+    return f"{_owner() or 'unknown-0-0'}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
 def _clean_stale_staging(root: Path) -> None:
-    """Remove staging dirs whose register process is gone (killed mid-copy)."""
+    """Remove staging dirs whose register process is provably gone (killed mid-copy): made by this host, in this
+    boot and pid namespace, by a pid that no longer exists. Anything else (another host or boot on a shared
+    filesystem, a live or foreign pid, an unknown name) is left alone. Called under the lock."""
+    owner = _owner()
+    if owner is None:
+        return
     for d in (root / ".staging").iterdir():
-        pid = d.name.split("-", 1)[0]
-        if not pid.isdigit():
+        parts = d.name.rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != owner or not parts[1].isdigit():
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(int(parts[1]), 0)
             continue  # alive (or owned by another user: EPERM)
         except ProcessLookupError:
             pass
@@ -246,10 +307,98 @@ def _clean_stale_staging(root: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _walk_source(src: Path) -> Iterator[tuple[Path, Path]]:
+    """(path, relpath) of every directory and file of a source directory, top first, refusing any symlink that
+    leads out of it (see the module docstring) and anything that is not a regular file or a directory."""
+    top = src.resolve()
+    for dirpath, dirnames, filenames in os.walk(src):  # followlinks=False: a symlinked dir is never entered
+        here = Path(dirpath)
+        yield here, here.relative_to(src)
+        for n in dirnames:
+            if (here / n).is_symlink():
+                raise UserError(f"{here / n}: a symlink to a directory; the registry copies only regular files")
+        for n in filenames:
+            path = here / n
+            if path.is_symlink():
+                dest = path.resolve()
+                if not dest.is_relative_to(top) or not dest.is_file():
+                    raise UserError(f"{path}: a symlink to {os.readlink(path)}, outside {src} (or not a regular "
+                                    f"file); the registry never follows links out of a registered directory")
+            elif not stat.S_ISREG(path.lstat().st_mode):
+                raise UserError(f"{path}: not a regular file (a fifo, socket or device cannot be registered)")
+            yield path, path.relative_to(src)
+
+
+def _copy_source(src: Path, target: Path) -> None:
+    """Copy a file (following a symlink the caller named), or a directory through _walk_source."""
+    if not src.is_dir():
+        shutil.copy2(src, target)
+        return
+    for path, rel in _walk_source(src):
+        if path.is_dir() and not path.is_symlink():
+            (target / rel).mkdir(exist_ok=True)
+        else:
+            shutil.copy2(path, target / rel)  # an in-tree symlink: its target's content
+
+
+def _source_of(plan: Mapping[str, Path], rel: str) -> Path:
+    """The source path of a registered relpath (for messages)."""
+    for dest, src in plan.items():
+        if rel == dest:
+            return src
+        if rel.startswith(dest + "/"):
+            return src / rel[len(dest) + 1:]
+    return Path(rel)
+
+
+def _check_expected(plan: Mapping[str, Path], staged: Mapping[str, Mapping[str, Any]],
+                    expected: Mapping[str, Mapping[str, str]]) -> None:
+    """The bytes copied are the bytes everyone recorded: {who: {registered relpath: sha256}}."""
+    for who, hashes in expected.items():
+        for rel, sha in sorted(hashes.items()):
+            got = staged.get(rel, {}).get("sha256", "missing")
+            if got != sha:
+                raise UserError(f"{_source_of(plan, rel)}: sha256 {got} as copied into the registry, but {who} "
+                                f"records {sha}; nothing registered")
+
+
+def _check_staged(staging: Path, files: Mapping[str, Any]) -> None:
+    """Right before the commit (under the lock): every staged file is there with the manifest's sha256, and nothing
+    else, so a staging dir removed (and recreated by the manifest write) or changed by another process is refused."""
+    actual = _hash_tree(staging)
+    for rel, meta in sorted(files.items()):
+        if actual.get(rel, {}).get("sha256") != meta["sha256"]:
+            raise UserError(f"{staging / rel}: staged file missing or changed before the commit (was the staging "
+                            f"directory removed by another process?); nothing registered")
+    extra = sorted(set(actual) - set(files))
+    if extra:
+        raise UserError(f"{staging / extra[0]}: appeared in the staging directory before the commit; nothing "
+                        f"registered")
+
+
 def register(root: str | Path, name: str, files: Mapping[str, str | Path], lineage: dict[str, Any],
-             metrics: dict[str, Any], reason: str = "registered") -> str:
+             metrics: dict[str, Any], reason: str = "registered", *,
+             expected: Mapping[str, Mapping[str, str]] | None = None) -> str:
     """Copy `files` ({dest relative to the version dir: source file or dir}) into a new immutable version, which
-    becomes the challenger. Returns 'vN'. Validates everything before writing anything."""
+    becomes the challenger. Returns 'vN'. Validates everything before writing anything. `expected`
+    ({who recorded them: {dest relpath: sha256}}) and lineage[EXPORT_CHECKSUMS] must match the copied bytes."""
+    return _register(root, name, files, lineage, metrics, reason, expected)
+
+
+def register_champion(root: str | Path, name: str, files: Mapping[str, str | Path], lineage: dict[str, Any],
+                      metrics: dict[str, Any], reason: str, *, judged_against: str | None,
+                      expected: Mapping[str, Mapping[str, str]] | None = None,
+                      gto_repo: str | Path | None = None) -> str:
+    """register() + promote() as one step: under one lock, check the champion is still `judged_against` (else
+    ChampionChanged, nothing registered), commit the version and make it the champion. Returns 'vN'."""
+    return _register(root, name, files, lineage, metrics, reason, expected, promote=True,
+                     judged_against=judged_against, gto_repo=gto_repo)
+
+
+def _register(root: str | Path, name: str, files: Mapping[str, str | Path], lineage: dict[str, Any],
+              metrics: dict[str, Any], reason: str, expected: Mapping[str, Mapping[str, str]] | None, *,
+              promote: bool = False, judged_against: str | None = None,
+              gto_repo: str | Path | None = None) -> str:
     check_name(name)
     _check_reason(reason)
     if not files:
@@ -258,10 +407,13 @@ def register(root: str | Path, name: str, files: Mapping[str, str | Path], linea
     for dest, src in plan.items():
         if not src.exists():
             raise UserError(f"{src}: source for {dest!r} does not exist")
-    for dest in plan:
+    for dest, src in plan.items():
         for parent in PurePosixPath(dest).parents:
             if str(parent) in plan:
                 raise UserError(f"destinations {str(parent)!r} and {dest!r} overlap")
+        if src.is_dir():
+            for _ in _walk_source(src):  # refuse a bad symlink before creating anything (copying checks again)
+                pass
     for what, d in (("lineage", lineage), ("metrics", metrics)):
         try:
             if not isinstance(d, dict):
@@ -269,26 +421,37 @@ def register(root: str | Path, name: str, files: Mapping[str, str | Path], linea
             json.dumps(d, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise UserError(f"{name}: {what} is not a JSON object ({e})") from None
+    expected = dict(expected or {})
+    exported = lineage.get(EXPORT_CHECKSUMS)
+    if exported is not None:
+        if not isinstance(exported, dict) or not all(isinstance(v, str) for v in exported.values()):
+            raise UserError(f"{name}: lineage.{EXPORT_CHECKSUMS}: expected {{registered relpath: sha256}}")
+        expected[f"its producing stage (lineage.{EXPORT_CHECKSUMS})"] = exported
 
     root = _prepare_root(root)
-    staging = root / ".staging" / f"{os.getpid()}-{uuid.uuid4().hex}"
+    staging = root / ".staging" / _staging_name()
     staging.mkdir()
     try:
         for dest, src in plan.items():  # slow part (copy, hash, fsync) outside the lock
             target = staging / dest
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                shutil.copytree(src, target) if src.is_dir() else shutil.copy2(src, target)
-            except OSError as e:  # shutil.Error (e.g. a dangling symlink in a source dir) is an OSError too
+                _copy_source(src, target)
+            except OSError as e:
                 raise UserError(f"{src}: cannot copy into the registry ({str(e)[:300]})") from None
-        manifest: dict[str, Any] = {"name": name, "files": _hash_tree(staging), "lineage": lineage,
-                                    "metrics": metrics}
+        staged = _hash_tree(staging)
+        _check_expected(plan, staged, expected)
+        manifest: dict[str, Any] = {"name": name, "files": staged, "lineage": lineage, "metrics": metrics}
         fsync_tree(staging)  # the files and the top dir; the entries of subdirectories too:
         for d in staging.rglob("*"):
             if d.is_dir():
                 fsync_dir(d)
         with registry_lock(root):
             _clean_stale_staging(root)
+            if promote:
+                current = _read_aliases(root, name)["champion"]
+                if current != judged_against:
+                    raise ChampionChanged(name, judged_against, current)
             vroot = root / "versions" / name
             if not vroot.is_dir():
                 vroot.mkdir()
@@ -297,6 +460,7 @@ def register(root: str | Path, name: str, files: Mapping[str, str | Path], linea
             manifest.update(version=version, created_at=_now())
             manifest["sha256"] = _digest(manifest)
             atomic_write_json(staging / MANIFEST, manifest)
+            _check_staged(staging, manifest["files"])
             os.rename(staging, vroot / version)  # the commit point; fails rather than overwrite a version
             fsync_dir(vroot)
             aliases = _read_aliases(root, name)
@@ -304,6 +468,8 @@ def register(root: str | Path, name: str, files: Mapping[str, str | Path], linea
             aliases["challenger"] = version
             _write_aliases(root, name, aliases)
             _append_audit(root, "register", name, old, version, reason)
+            if promote:
+                _set_champion(root, name, version, reason, gto_repo)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -332,18 +498,23 @@ def promote(root: str | Path, name: str, version: str, reason: str, *, gto_repo:
     root = _existing_root(root)
     with registry_lock(root):
         verify_dir(_version_dir(root, name, version))  # never point an alias at damaged files
-        aliases = _read_aliases(root, name)
-        old = aliases["champion"]
-        if old == version:
-            raise UserError(f"{name} {version}: already the champion")
-        if old is not None:
-            aliases["previous"].append(old)
-        aliases["champion"] = version
-        if aliases["challenger"] == version:
-            aliases["challenger"] = None
-        _write_aliases(root, name, aliases)
-        _append_audit(root, "promote", name, old, version, reason)
-        _tag(gto_repo, root, name, version, reason, old)
+        _set_champion(root, name, version, reason, gto_repo)
+
+
+def _set_champion(root: Path, name: str, version: str, reason: str, gto_repo: str | Path | None) -> None:
+    """The alias move of promote; the caller holds the lock and has verified `version`."""
+    aliases = _read_aliases(root, name)
+    old = aliases["champion"]
+    if old == version:
+        raise UserError(f"{name} {version}: already the champion")
+    if old is not None:
+        aliases["previous"].append(old)
+    aliases["champion"] = version
+    if aliases["challenger"] == version:
+        aliases["challenger"] = None
+    _write_aliases(root, name, aliases)
+    _append_audit(root, "promote", name, old, version, reason)
+    _tag(gto_repo, root, name, version, reason, old)
 
 
 def rollback(root: str | Path, name: str, reason: str, *, gto_repo: str | Path | None = None) -> str:
