@@ -3,6 +3,7 @@ writers, a register killed mid-copy, the CLI, and the GTO tag mirror."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,19 @@ from pathlib import Path
 import pytest
 
 from moeops.cli import UserError
-from moeops.registry import champion, history, list_models, promote, register, resolve, rollback, show, store, verify
+from moeops.registry import (
+    champion,
+    history,
+    list_models,
+    promote,
+    register,
+    register_champion,
+    resolve,
+    rollback,
+    show,
+    store,
+    verify,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -385,3 +398,108 @@ def test_gto_tags_agree(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     promote(root, "moe", "v2", "again", gto_repo=tmp_path)
     assert champion(root, "moe") == "v2"
     assert "warning: moe v2: GTO tags not written" in capsys.readouterr().err
+
+
+def test_staging_removed_before_the_commit_is_refused(tmp_path: Path, reg: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process removes this register's staging dir after the copy, before the commit: the manifest write
+    would recreate the dir holding only the manifest; the commit re-checks the staged files under the lock."""
+    real_lock = store.registry_lock
+
+    @contextlib.contextmanager
+    def lock_after_removal(root: Path, timeout_s: float | None = None):
+        for d in (root / ".staging").iterdir():  # what a wrong cleanup by another writer would do
+            shutil.rmtree(d)
+        with real_lock(root, timeout_s):
+            yield
+
+    monkeypatch.setattr(store, "registry_lock", lock_after_removal)
+    before = _snapshot(reg)
+    with pytest.raises(UserError, match=r"/\.staging/.*/model\.safetensors: staged file missing or changed before "
+                                        r"the commit") as e:
+        register(reg, "moe", _src(tmp_path, "d"), {}, {})
+    assert "\n" not in str(e.value)
+    assert _snapshot(reg) == before and not (reg / "versions/moe/v4").exists() and os.listdir(reg / ".staging") == []
+
+
+def test_stale_staging_recognised_by_host_boot_and_pid(tmp_path: Path, reg: Path) -> None:
+    owner = store._owner()
+    if owner is None:
+        pytest.skip("no /proc/sys/kernel/random/boot_id: no staging dir is ever removed")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host, boot, pidns = owner.rsplit("-", 2)
+    other_boot = "0" * 32 if boot != "0" * 32 else "1" * 32
+    names = {"mine-dead": f"{owner}-{dead}-{'a' * 32}", "mine-alive": f"{owner}-{os.getpid()}-{'b' * 32}",
+             "other-host": f"elsewhere-{boot}-{pidns}-{dead}-{'c' * 32}",
+             "other-boot": f"{host}-{other_boot}-{pidns}-{dead}-{'d' * 32}",
+             "other-pidns": f"{host}-{boot}-1{pidns}-{dead}-{'e' * 32}", "old-format": f"{dead}-{'f' * 32}"}
+    for name in names.values():
+        (reg / ".staging" / name).mkdir()
+        (reg / ".staging" / name / "model.safetensors").write_bytes(b"half")
+    assert register(reg, "moe", _src(tmp_path, "d"), {}, {}) == "v4"
+    assert sorted(os.listdir(reg / ".staging")) == sorted(v for k, v in names.items() if k != "mine-dead")
+
+
+def test_copied_bytes_must_match_what_was_recorded(tmp_path: Path, reg: Path) -> None:
+    src = _src(tmp_path, "d")
+    good = store.sha256_file(src["model.safetensors"])
+    before = _snapshot(reg)
+    with pytest.raises(UserError) as e:
+        register(reg, "moe", src, {}, {}, expected={"the gate": {"model.safetensors": "0" * 64}})
+    assert str(e.value) == (f"{src['model.safetensors']}: sha256 {good} as copied into the registry, but the gate "
+                            f"records {'0' * 64}; nothing registered")
+    with pytest.raises(UserError, match=r"src-d/tok/sub/x.txt: sha256 \w+ as copied into the registry, but its "
+                                        r"producing stage \(lineage.export_checksums\) records 1{64}"):
+        register(reg, "moe", src, {"export_checksums": {"tokenizer/sub/x.txt": "1" * 64}}, {})
+    with pytest.raises(UserError, match="tok/missing.bin: sha256 missing as copied"):
+        register(reg, "moe", src, {}, {}, expected={"x": {"tokenizer/missing.bin": good}})
+    assert _snapshot(reg) == before and os.listdir(reg / ".staging") == []
+
+    v = register(reg, "moe", src, {"export_checksums": {"model.safetensors": good}}, {},
+                 expected={"the gate": {"model.safetensors": good}})
+    assert verify(reg, "moe", v) == [v]
+    # A manifest rewritten consistently (files and digest) after the model changed: the export's hash still
+    # catches it.
+    vdir = reg / "versions/moe" / v
+    (vdir / "model.safetensors").write_bytes(b"changed")
+    m = json.loads((vdir / "manifest.json").read_text())
+    m["files"]["model.safetensors"] = {"sha256": store.sha256_file(vdir / "model.safetensors"), "size": 7}
+    m["sha256"] = store._digest(m)
+    (vdir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match=f"{vdir / 'model.safetensors'}: sha256 \\w+, but its producing stage "
+                                        f"recorded {good}"):
+        verify(reg, "moe", v)
+
+
+def test_symlinks_never_lead_out_of_a_registered_directory(tmp_path: Path, reg: Path) -> None:
+    src = _src(tmp_path, "d")
+    tok = src["tokenizer"]
+    (tok / "alias.json").symlink_to("tokenizer.json")  # in the tree: registered as a regular file
+    v = register(reg, "moe", src, {}, {})
+    copied = reg / "versions/moe" / v / "tokenizer/alias.json"
+    assert not copied.is_symlink() and copied.read_text() == (tok / "tokenizer.json").read_text()
+    before = _snapshot(reg)
+    (tmp_path / "secret").write_text("outside")
+    for link, target in (("out.json", tmp_path / "secret"), ("up.json", Path("../model.safetensors")),
+                         ("dangling.json", Path("nope")), ("subdir", Path("sub"))):
+        (tok / link).symlink_to(target)
+        with pytest.raises(UserError, match=f"{tok / link}: a symlink to ") as e:
+            register(reg, "moe", src, {}, {})
+        assert "\n" not in str(e.value)
+        (tok / link).unlink()
+    assert _snapshot(reg) == before and os.listdir(reg / ".staging") == []
+
+
+def test_register_champion_checks_the_champion_under_the_lock(tmp_path: Path, reg: Path) -> None:
+    promote(reg, "moe", "v1", "first")
+    before, src = _snapshot(reg), _src(tmp_path, "d")
+    with pytest.raises(store.ChampionChanged, match="moe: champion changed: judged against none, the champion is "
+                                                    "now v1") as e:
+        register_champion(reg, "moe", src, {}, {}, "gate", judged_against=None)
+    assert (e.value.expected, e.value.current) == (None, "v1")
+    assert _snapshot(reg) == before and not (reg / "versions/moe/v4").exists()
+    assert os.listdir(reg / ".staging") == []
+    assert register_champion(reg, "moe", src, {}, {}, "gate", judged_against="v1") == "v4"
+    assert _aliases(reg) == {"champion": "v4", "challenger": None, "previous": ["v1"]}
+    assert [e["action"] for e in history(reg, "moe")][-2:] == ["register", "promote"]
