@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_corpus
@@ -15,6 +16,7 @@ from moeops.config import make_model_args
 from moeops.data.prepare import EOS, EOS_ID, train_tokenizer
 from moeops.export import hf as export_hf_module
 from moeops.export.hf import export_hf
+from moeops.model.generate import left_pad, torch_step
 from moeops.model.io import save_model_dir
 from moeops.model.transformer import build_model, expert_loads, reset_expert_stats
 
@@ -138,6 +140,59 @@ def test_generate_equals_our_greedy_decoding(exported):
     prompt = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
     got = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False)
     assert torch.equal(got, greedy(ours, prompt, 10, EOS_ID))
+
+
+NEW_TOKENS = 8
+
+
+def ours_cached(model, prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy decoding of a left-padded batch through our forward_cached (prefill, then one token a
+    step): (new tokens per row, step logits [steps, B, V])."""
+    step = torch_step(model)
+    ids_BS, mask_BT = left_pad(prompts, pad_id=EOS_ID)
+    logits_BSV, past = step(ids_BS, mask_BT, None)
+    tokens, logits = [], []
+    for _ in range(NEW_TOKENS):
+        logits.append(torch.from_numpy(logits_BSV[:, -1]))
+        next_B = logits_BSV[:, -1].argmax(-1)
+        tokens.append(next_B)
+        mask_BT = np.concatenate([mask_BT, np.ones((len(prompts), 1), np.int64)], axis=1)
+        logits_BSV, past = step(next_B[:, None].astype(np.int64), mask_BT, past)
+    return np.stack(tokens, 1).tolist(), torch.stack(logits)
+
+
+def hf_cached(model, prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """The same through transformers' generate: left padding with an attention mask, its own KV cache
+    (past_key_values) and position ids derived from the mask."""
+    ids_BS, mask_BT = (torch.from_numpy(a) for a in left_pad(prompts, pad_id=EOS_ID))
+    with torch.no_grad():
+        out = model.generate(ids_BS, attention_mask=mask_BT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                             do_sample=False, use_cache=True, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, ids_BS.shape[1]:].tolist(), torch.stack(out.logits)
+
+
+def test_left_padded_batch_decodes_each_row_as_if_alone(exported):
+    """[long prompt, short prompt] left-padded in one batch: every row generates the same greedy
+    tokens, with the same step logits (1e-4), as its prompt alone, in transformers (the reference:
+    its own attention mask handling and cache) and in our cached decoding; and the two agree."""
+    from transformers import AutoModelForCausalLM
+
+    ours, hf_dir = exported
+    theirs = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (13, 4)]  # 9 pads on row 1
+    results = {}
+    for name, run in (("transformers", lambda p: hf_cached(theirs, p)), ("ours", lambda p: ours_cached(ours, p))):
+        batch_tokens, batch_logits = run(prompts)
+        for b, prompt in enumerate(prompts):
+            alone_tokens, alone_logits = run([prompt])
+            assert batch_tokens[b] == alone_tokens[0], (name, b)
+            torch.testing.assert_close(batch_logits[:, b], alone_logits[:, 0], atol=1e-4, rtol=0,
+                                       msg=lambda m, name=name, b=b: f"{name}, row {b}: {m}")
+        results[name] = batch_tokens, batch_logits
+    assert results["ours"][0] == results["transformers"][0]
+    torch.testing.assert_close(results["ours"][1], results["transformers"][1], atol=1e-4, rtol=0)
+    assert len({tuple(t) for t in results["ours"][0]}) == 2  # the rows really differ
 
 
 def test_tokenizer_round_trips_like_tokenizers(exported, tokenizer_file):
