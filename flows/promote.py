@@ -4,7 +4,9 @@
 flags and exit codes as `moeops promote`: 0 promoted or already champion, 1 rejected, 2 bad input);
 the pipeline flow runs the same task after its gate stage. Either way the decision and the gate
 report are published as the `gate` markdown artifact of the flow run, so a reject's reasons are in
-the Prefect UI.
+the Prefect UI. Two flow runs (or CI jobs, on any hosts sharing the registry) promoting candidates
+judged against the same champion cannot both win: the registry checks the champion, commits and
+moves the alias under one lock; the loser ends with the one-line "champion changed" error (exit 2).
 """
 
 from __future__ import annotations
