@@ -26,13 +26,12 @@ def main() -> None:
     for name in ("model.onnx", "tokenizer.json"):
         if not (a.model / name).is_file():
             raise UserError(f"{a.model / name}: missing (run `make pipeline`, or pass --model exports/onnx/<variant>)")
-    from tokenizers import Tokenizer
-
     from moeops.config import load_model_args
     from moeops.export.onnx import OnnxLM
     from moeops.model.generate import generate
+    from moeops.model.io import load_tokenizer
 
-    tok = Tokenizer.from_file(str(a.model / "tokenizer.json"))
+    tok = load_tokenizer(a.model / "tokenizer.json")  # a garbled file is one line, like a corrupted model.onnx
     ids = tok.encode(a.prompt).ids
     if not ids:
         raise UserError("--prompt: encodes to no tokens")

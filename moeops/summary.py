@@ -6,10 +6,21 @@ import json
 import sys
 from pathlib import Path
 
+from moeops.cli import UserError, run_main
+
 
 def read(path: str) -> dict:
+    """A metrics file as a dict; {} when absent; a one-line error when it is not a JSON object."""
     p = Path(path)
-    return json.loads(p.read_text()) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p}: not valid JSON ({e}); re-run the stage that writes it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: not a JSON object ({type(data).__name__}); re-run the stage that writes it")
+    return data
 
 
 def variants_table(variants: dict[str, dict]) -> str:
@@ -64,5 +75,5 @@ def summary() -> str:
 
 
 if __name__ == "__main__":
-    print(summary())
+    run_main(lambda: print(summary()))
     sys.exit(0)

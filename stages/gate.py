@@ -1,11 +1,18 @@
 """DVC stage `gate`: promote or reject the candidate → metrics/gate.json, reports/gate.md.
 
 Rules (params `gate`): the candidate's val bits-per-byte, p95 decode-step latency (metrics/eval.json),
-model file size and export parity (metrics/export.json) against absolute budgets; and, when the
+model file size and its own export parity (metrics/export.json parity.<candidate>, a budget per
+variant) against absolute budgets; and, when the
 registry (params `registry`) has a champion, a paired bootstrap on per-document bits-per-byte
 against the champion scored on the same val documents. A reject is a result, not a failure: the
 stage exits 0 and the flow / CI act on `decision`. The registry is state outside DVC, so the stage
-always runs (dvc.yaml: always_changed)."""
+always runs (dvc.yaml: always_changed).
+
+Chain of custody: every file of the candidate is checked against the sha256 the quantize stage recorded
+in its lineage.json (copied by export) before anything is scored, and the latency figure must have been
+timed on that very model.onnx (eval.json records the sha256 it timed). gate.json carries those hashes
+(`candidate.checksums`) for the registry to check what it registers. Any mismatch is one line, exit 2,
+nothing written."""
 
 from __future__ import annotations
 
@@ -26,8 +33,10 @@ from moeops.evaluate.gate import (
     rule,
     val_documents,
 )
+from moeops.export.triton import read_io
 from moeops.io import atomic_write_json, atomic_write_text
 from moeops.lineage import lineage
+from moeops.model.io import recorded_checksums, verify_checksums
 from moeops.registry.promotion import registry_location
 
 PREPARED = Path("data/prepared")
@@ -39,9 +48,12 @@ REPORT = Path("reports/gate.md")
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read ({e}); run the stages before the gate") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object ({type(data).__name__}); re-run the stage that writes it")
+    return data
 
 
 def lookup(metrics: dict[str, Any], path: Path, *keys: str) -> float:
@@ -56,6 +68,30 @@ def lookup(metrics: dict[str, Any], path: Path, *keys: str) -> float:
 def variant_dir(root: Path, candidate: str) -> Path:
     """exports/onnx/int8 for candidate onnx_int8 (and <version>/onnx/int8 in the registry)."""
     return root / "onnx" / candidate.removeprefix("onnx_")
+
+
+def custody(candidate: Path) -> dict[str, str]:
+    """The candidate's {file: sha256} as its producing stage recorded them (lineage.json), after checking
+    every file against them; every file the gate reads (model.onnx, its external data, tokenizer.json,
+    config.json) must be among them."""
+    verify_checksums(candidate)  # no lineage.json, or a file that differs: one line naming both hashes
+    recorded = recorded_checksums(candidate)
+    _, _, external = read_io(candidate / "model.onnx")  # an ONNX model; external data inside the directory
+    for name in ("model.onnx", "tokenizer.json", "config.json", *external):
+        if name not in recorded:
+            raise UserError(f"{candidate / 'lineage.json'}: checksums: no sha256 recorded for {name}; "
+                            "re-run the quantize and export stages")
+    return recorded
+
+
+def check_timed(ev: dict[str, Any], candidate: str, onnx_path: Path, sha256: str) -> None:
+    """The latency figure was measured on the very file judged (a stale eval.json must not vouch for it)."""
+    timed = (ev.get("variants") or {}).get(candidate, {}).get("model_sha256")
+    if not isinstance(timed, str):
+        raise UserError(f"{EVAL}: variants.{candidate}.model_sha256: missing; re-run evaluate")
+    if timed != sha256:
+        raise UserError(f"{EVAL}: variants.{candidate} was timed on a model.onnx with sha256 {timed}, but "
+                        f"{onnx_path} has sha256 {sha256}: a stale figure, re-run evaluate")
 
 
 def score(model_dir: Path, texts: list[str], batch_size: int, threads: int) -> np.ndarray:
@@ -90,9 +126,12 @@ def gate(p: Any, root: Path, name: str) -> dict[str, Any]:
     if not (candidate / "model.onnx").is_file():
         raise UserError(f"{candidate / 'model.onnx'}: missing candidate (gate.candidate: {p.candidate}); "
                         "run the export stage")
+    checksums = custody(candidate)
     ev, ex = read_json(EVAL), read_json(EXPORT)  # bad metrics fail before the minute of scoring
     p95 = lookup(ev, EVAL, "variants", p.candidate, "speed", "batch1", "decode_step_p95_ms")
-    parity = max(lookup(ex, EXPORT, "parity", k) for k in ("prefill_max_abs_diff", "decode_max_abs_diff"))
+    check_timed(ev, p.candidate, candidate / "model.onnx", checksums["model.onnx"])
+    parity = lookup(ex, EXPORT, "parity", p.candidate, "max_abs_diff")  # prefill and cached decode
+    parity_budget = getattr(p.max_parity_error, p.candidate)
     size_mb = sum(f.stat().st_size for f in candidate.glob("model.onnx*")) / 1e6
     threads = p.threads or torch.get_num_threads()
     texts = val_documents(PREPARED, p.max_tokens)
@@ -103,7 +142,8 @@ def gate(p: Any, root: Path, name: str) -> dict[str, Any]:
         rule("max_bits_per_byte", cand_bpb, p.max_bits_per_byte, f"val bits/byte {cand_bpb:.4f}"),
         rule("max_p95_latency_ms", p95, p.max_p95_latency_ms, f"one cached decode step at batch 1, p95 {p95:.3f} ms"),
         rule("max_file_mb", size_mb, p.max_file_mb, f"{candidate}/model.onnx: {size_mb:.2f} MB"),
-        rule("max_parity_error", parity, p.max_parity_error, f"max |ONNX Runtime − PyTorch| logit {parity:.2e}"),
+        rule("max_parity_error", parity, parity_budget,
+             f"{p.candidate}: max |ONNX Runtime − PyTorch fp32| logit {parity:.2e}"),
     ]
     version, champ_variant, champ = champion_model(root, name)
     champion = None
@@ -120,13 +160,14 @@ def gate(p: Any, root: Path, name: str) -> dict[str, Any]:
                           f"{boot['relative_change']:+.2%}, {p.confidence:.0%} upper bound {boot['upper_bound']:+.2%} "
                           f"({p.bootstrap_samples} paired resamples of {len(texts)} documents, {boot['method']})"))
     decision, reasons = decide(rules)
-    inputs = [*(candidate / n for n in ("model.onnx", "tokenizer.json", "config.json")), EVAL, EXPORT,
+    inputs = [*(candidate / n for n in sorted(checksums)), EVAL, EXPORT,
               PREPARED / "val.bin", PREPARED / "tokenizer.json"]
     return {
         "decision": decision,
         "reasons": reasons,
         "candidate": {"variant": p.candidate, "path": str(candidate), "bits_per_byte": cand_bpb,
-                      "documents": len(texts), "bytes": n_bytes},
+                      "documents": len(texts), "bytes": n_bytes,
+                      "checksums": checksums},  # as recorded by quantize (export's lineage.json), checked
         "champion": champion,
         "rules": rules,
         "lineage": lineage(inputs, {"gate": p.model_dump()}, "gate")

@@ -1,5 +1,5 @@
 """DVC stage `quantize`: models/student → models/quantized/{fp32,int8,int4}/ (model.onnx, config.json,
-tokenizer.json, lineage.json with the file's sha256) and metrics/quantize.json (sizes, ratios to the
+tokenizer.json, lineage.json with every file's sha256) and metrics/quantize.json (sizes, ratios to the
 fp32 ONNX, op census).
 
 ONNX Runtime quantizes ONNX graphs, so the student is first exported to fp32 ONNX
@@ -34,11 +34,13 @@ REPORTED_OPS = ("QMoE", "MatMulNBits", "MatMulInteger", "GatherBlockQuantized", 
 
 
 def describe(variant_dir: Path, model_dir: Path, record: dict) -> None:
-    """config.json and tokenizer.json from the student; lineage.json with model.onnx's sha256, which the
-    export stage verifies."""
+    """config.json and tokenizer.json from the student; lineage.json with the sha256 of every file of the
+    variant (model.onnx, any external data, config.json, tokenizer.json), which the export stage and the
+    gate verify."""
     for name in ("config.json", "tokenizer.json"):
         shutil.copyfile(model_dir / name, variant_dir / name)
-    checksums = {"model.onnx": sha256_file(variant_dir / "model.onnx")}
+    checksums = {f.name: sha256_file(f) for f in sorted(variant_dir.iterdir())
+                 if f.is_file() and f.name != "lineage.json"}
     atomic_write_json(variant_dir / "lineage.json", record | {"checksums": checksums})
 
 

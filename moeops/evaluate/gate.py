@@ -20,10 +20,10 @@ import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 
 from moeops.cli import UserError
 from moeops.data.prepare import EOS, decode_document
+from moeops.model.io import load_tokenizer
 from moeops.train.data import load_tokens
 
 LogitsFn = Callable[[np.ndarray], Any]  # x_BS int64 -> logits_BSV (numpy or torch)
@@ -31,9 +31,15 @@ LogitsFn = Callable[[np.ndarray], Any]  # x_BS int64 -> logits_BSV (numpy or tor
 
 def val_documents(prepared_dir: Path, max_tokens: int) -> list[str]:
     """The val documents' texts, in order, until `max_tokens` tokens (EOS included) are taken."""
-    tok = Tokenizer.from_file(str(prepared_dir / "tokenizer.json"))
+    tok = load_tokenizer(prepared_dir / "tokenizer.json")
     flat = load_tokens(prepared_dir, "val")
-    offsets = np.load(prepared_dir / "val.idx.npy")
+    try:
+        offsets = np.load(prepared_dir / "val.idx.npy", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{prepared_dir / 'val.idx.npy'}: cannot read ({why})") from None
+    if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or (len(offsets) and offsets[-1] > len(flat)):
+        raise UserError(f"{prepared_dir / 'val.idx.npy'}: not the document offsets of val.bin; re-run prepare")
     texts, taken = [], 0
     for start, end in zip(offsets[:-1], offsets[1:]):
         texts.append(decode_document(tok, flat[start:end - 1]))  # end - 1: the document's EOS
@@ -51,7 +57,7 @@ def document_bits(logits_fn: LogitsFn, tokenizer_path: Path, texts: list[str], s
     start. Documents longer than seq_len are cut into independent windows of seq_len tokens.
     Windows are batched longest first and right-padded (causal attention: padding after a
     position cannot change it; padded targets are ignored)."""
-    tok = Tokenizer.from_file(str(tokenizer_path))
+    tok = load_tokenizer(tokenizer_path)
     eos = tok.token_to_id(EOS)
     if eos is None:
         raise UserError(f"{tokenizer_path}: has no {EOS} token")

@@ -17,6 +17,7 @@ import torch
 
 from moeops.config import load_model_args
 from moeops.evaluate.metrics import byte_lengths, peak_rss_mb, score_windows, token_bytes
+from moeops.io import sha256_file
 from moeops.model.generate import Step, torch_step
 from moeops.model.transformer import param_counts
 from moeops.train.data import load_tokens
@@ -52,23 +53,32 @@ def decode_speed(step: Step, vocab_size: int, batch: int, prompt_len: int, new_t
             "decode_step_p95_ms": round(1000 * float(np.percentile(steps, 95)), 3)}
 
 
-def _load(kind: str, path: Path) -> tuple[Step, object, int]:
-    """(step, full-sequence logits function, file bytes) of one variant."""
+def _load(kind: str, path: Path) -> tuple[Step, object, Path]:
+    """(step, full-sequence logits function, weights file) of one variant, its files checked against
+    the sha256 its lineage.json recorded."""
+    from moeops.model.io import load_model_dir, verify_checksums
+
     if kind == "onnx":
         from moeops.export.onnx import OnnxLM
 
+        verify_checksums(path)
         lm = OnnxLM(path / "model.onnx", threads=torch.get_num_threads())
         full = lambda x_BS: lm.step(x_BS, np.ones_like(x_BS), None)[0]  # noqa: E731
-        return lm.step, full, (path / "model.onnx").stat().st_size
-    from moeops.model.io import load_model_dir
-
+        return lm.step, full, path / "model.onnx"
     model = load_model_dir(path)
 
     @torch.inference_mode()
     def full(x_BS):
         return model(torch.from_numpy(x_BS))
 
-    return torch_step(model), full, (path / "model.safetensors").stat().st_size
+    return torch_step(model), full, path / "model.safetensors"
+
+
+def decode_lengths(max_seq_len: int, prompt_len: int, new_tokens: int) -> tuple[int, int]:
+    """(prompt, new tokens) of the speed protocol, cut to fit the model's context (a student distilled
+    at a short seq_len) instead of overrunning it."""
+    new_tokens = max(1, min(new_tokens, max_seq_len - 1))
+    return max(1, min(prompt_len, max_seq_len - new_tokens)), new_tokens
 
 
 def evaluate_variant(kind: str, path: Path, prepared_dir: Path, batch_size: int, max_tokens: int, prompt_len: int,
@@ -76,11 +86,13 @@ def evaluate_variant(kind: str, path: Path, prepared_dir: Path, batch_size: int,
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     args = load_model_args(path / "config.json")
-    step, full, size = _load(kind, path)
+    weights = path / ("model.onnx" if kind == "onnx" else "model.safetensors")
+    sha256 = sha256_file(weights) if weights.is_file() else None  # before loading: the bytes then timed
+    step, full, weights = _load(kind, path)
     val = load_tokens(prepared_dir, "val")
     s = score_windows(full, val, byte_lengths(token_bytes(path / "tokenizer.json"), args.vocab_size),
                       args.max_seq_len, batch_size, max_tokens)
-    prompt_len = min(prompt_len, args.max_seq_len - new_tokens)
+    prompt_len, new_tokens = decode_lengths(args.max_seq_len, prompt_len, new_tokens)
     speed = {f"batch{b}": decode_speed(step, args.vocab_size, b, prompt_len, new_tokens) for b in (1, 8)}
     return {
         "runtime": "onnxruntime" if kind == "onnx" else "pytorch",
@@ -90,7 +102,8 @@ def evaluate_variant(kind: str, path: Path, prepared_dir: Path, batch_size: int,
         "tokens": s["tokens"],
         "speed": speed | {"prompt_len": prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads()},
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "file_bytes": size,
+        "file_bytes": weights.stat().st_size,
+        "model_sha256": sha256,  # the very file timed: the gate refuses a stale figure
         "params_total": param_counts(args)["total"],
     }
 

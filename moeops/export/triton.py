@@ -85,7 +85,21 @@ def read_io(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec], list[s
     outputs = tensor_specs(graph.output, onnx_path)
     external = sorted({entry.value for init in onnx_iter_tensors(model) for entry in init.external_data
                        if entry.key == "location"})
+    for rel in external:
+        check_confined(onnx_path, rel)
     return inputs, outputs, external
+
+
+def check_confined(onnx_path: Path, location: str) -> None:
+    """An external-data location must name a file inside the model's folder: `../x`, an absolute
+    path, or a symlink out of it would make the model read (and a copy of it carry) bytes nobody
+    checksummed."""
+    folder = onnx_path.parent.resolve()
+    target = (onnx_path.parent / location).resolve()
+    if not location or Path(location).is_absolute() or ".." in Path(location).parts or \
+            not target.is_relative_to(folder):
+        raise UserError(f"{onnx_path}: external data location {location!r} is outside the model directory "
+                        f"{onnx_path.parent}")
 
 
 def onnx_iter_tensors(model):

@@ -26,23 +26,55 @@ def save_model_dir(out_dir: str | Path, model: Transformer, tokenizer_path: str 
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(save_model_args(model.args) + "\n")
     shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-    checksums = {name: sha256_file(tmp / name) for name in ("model.safetensors", "tokenizer.json")}
+    checksums = {name: sha256_file(tmp / name) for name in ("model.safetensors", "config.json", "tokenizer.json")}
     (tmp / "lineage.json").write_text(json.dumps({**lineage, "checksums": checksums}, indent=2, sort_keys=True) + "\n")
     replace_dir(tmp, out_dir)
 
 
-def verify_checksums(model_dir: str | Path) -> None:
-    """Compare each file with the sha256 its lineage.json recorded when it was written."""
-    model_dir = Path(model_dir)
+def recorded_checksums(model_dir: str | Path) -> dict[str, str]:
+    """{file name: sha256} that lineage.json recorded when the directory was written. A directory
+    without one (or with an unreadable one, or one that records nothing) is refused: "nothing to
+    check" would let any bytes through."""
+    path = Path(model_dir) / "lineage.json"
     try:
-        recorded = json.loads((model_dir / "lineage.json").read_text()).get("checksums", {})
-    except (OSError, ValueError):
-        recorded = {}
-    for name, expected in sorted(recorded.items()):
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; a model directory must record its files' sha256 (re-run the stage "
+                        "that wrote it)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    checksums = record.get("checksums") if isinstance(record, dict) else None
+    if not isinstance(checksums, dict) or not checksums:
+        raise UserError(f"{path}: checksums: missing or empty; re-run the stage that wrote {path.parent}")
+    for name, sha in checksums.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not (isinstance(sha, str) and len(sha) == 64):
+            raise UserError(f"{path}: checksums: {name!r}: {sha!r} is not a file of the directory and its sha256")
+    return checksums
+
+
+def verify_checksums(model_dir: str | Path) -> None:
+    """Compare each file with the sha256 its lineage.json recorded when it was written (see
+    recorded_checksums: no lineage.json is an error)."""
+    model_dir = Path(model_dir)
+    for name, expected in sorted(recorded_checksums(model_dir).items()):
         actual = sha256_file(model_dir / name) if (model_dir / name).is_file() else "missing"
         if actual != expected:
-            raise UserError(f"{model_dir / name}: fails its checksum (sha256 {actual[:12]}, lineage.json records "
-                            f"{expected[:12]}); the file was changed or damaged after it was written")
+            raise UserError(f"{model_dir / name}: fails its checksum (sha256 {actual}, lineage.json records "
+                            f"{expected}); the file was changed or damaged after it was written")
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizers.Tokenizer, or a one-line UserError for a missing or garbled tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: missing")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise UserError(f"{path}: not a tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
 
 
 def load_model_dir(model_dir: str | Path) -> Transformer:
