@@ -188,6 +188,7 @@ class PretrainParams(Section):
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = all cores
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    keep_runs: int = Field(3, ge=1)  # runs (params, data, code) whose checkpoints are kept, this one included
     log_every: int = Field(10, ge=1)
     # Distribution (moeops/train/parallel.py): world_size processes = pp_size pipeline stages x
     # (world_size / pp_size) data-parallel ranks, the routed experts sharded over groups of ep_size
@@ -294,6 +295,7 @@ class DistillParams(Section):
     threads: int = Field(0, ge=0)
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    keep_runs: int = Field(3, ge=1)  # runs (params, data, code) whose checkpoints are kept, this one included
     log_every: int = Field(10, ge=1)
 
     @model_validator(mode="after")

@@ -249,7 +249,8 @@ def test_stage_writes_student_baseline_metrics_then_resume_is_bitwise(tproject, 
         save_model_dir("models/teacher", teacher, "models/teacher/tokenizer.json", {})
         capsys.readouterr()
         fresh = train_student(p, plan(), tokens, meta, ckpt)
-        assert fresh.resumed_from == 0 and "discarding" in capsys.readouterr().out
+        assert fresh.resumed_from == 0 and "parked the checkpoints of run" in capsys.readouterr().out
+        assert len(list((ckpt / "runs").iterdir())) == 1  # the old student's, kept (keep_runs 3)
     finally:
         torch.use_deterministic_algorithms(False)
 

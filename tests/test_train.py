@@ -102,22 +102,56 @@ def test_bf16_autocast_trains(project, monkeypatch):
     torch.use_deterministic_algorithms(False)
 
 
-def test_rerun_after_finish_or_params_change(project):
+def run_ids(ckpt_dir: Path) -> set[str]:
+    return {json.loads((c / "state.json").read_text())["run_id"] for c in ckpt_dir.glob("step_*")}
+
+
+def test_rerun_after_finish_or_params_change(project, monkeypatch):
     run_stage("pretrain", project)
     first = weights(project)
+    ckpt_dir = project / "checkpoints/pretrain"
+    (rid_a,) = run_ids(ckpt_dir)
     # Re-running a finished run (dvc repro -f) restores the final checkpoint and reports the whole run.
     again = run_stage("pretrain", project)
     assert "resumed from checkpoints/pretrain/step_00000030" in again.stdout
     assert weights(project) == first
     metrics = json.loads((project / "metrics/pretrain.json").read_text())
     assert math.isfinite(metrics["final_train_loss"]) and metrics["tokens_per_s"] > 0
-    # Other params: the old run's checkpoints are discarded, the new run keeps its own.
-    write_params(project, pretrain={"lr": 0.002})
+
+    # Other params (keep_runs 1: no other run's checkpoints kept), interrupted before their first
+    # checkpoint: the first run's checkpoints are parked, not deleted.
+    write_params(project, pretrain={"lr": 0.002, "keep_runs": 1})
+    monkeypatch.chdir(project)
+    p, meta = load_section("pretrain"), load_meta(Path("data/prepared"))
+
+    def interrupt(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+        return loss
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(p, load_tokens(Path("data/prepared"), "train"), meta["vocab_size"], meta, ckpt_dir,
+                     loss_hook=interrupt)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    parked = ckpt_dir / "runs" / rid_a
+    assert not list(ckpt_dir.glob("step_*")) and sorted(c.name for c in parked.iterdir()) == [
+        "step_00000025", "step_00000030"]
+    # Back to the first params: the first run resumes from its final checkpoint.
+    write_params(project)
+    back = run_stage("pretrain", project)
+    assert "resumed from checkpoints/pretrain/step_00000030" in back.stdout and weights(project) == first
+    assert run_ids(ckpt_dir) == {rid_a} and not any((ckpt_dir / "runs").iterdir())
+
+    # Other params, run through: a run of their own, which deletes the first run's checkpoints (keep_runs 1)
+    # only once it has written its own (retention with more runs: tests/test_lineage.py).
+    write_params(project, pretrain={"lr": 0.002, "keep_runs": 1})
     changed = run_stage("pretrain", project)
-    assert "discarding" in changed.stdout and "resumed" not in changed.stdout
-    ckpts = sorted((project / "checkpoints/pretrain").iterdir())
-    assert [c.name for c in ckpts] == ["step_00000025", "step_00000030"]
-    assert len({json.loads((c / "state.json").read_text())["run_id"] for c in ckpts}) == 1
+    assert f"parked the checkpoints of run {rid_a}" in changed.stdout and "resumed" not in changed.stdout
+    assert f"deleted {Path('checkpoints/pretrain/runs') / rid_a}" in changed.stdout
+    assert [c.name for c in sorted(ckpt_dir.glob("step_*"))] == ["step_00000025", "step_00000030"]
+    assert run_ids(ckpt_dir) != {rid_a} and len(run_ids(ckpt_dir)) == 1 and not parked.exists()
     assert weights(project) != first
 
 

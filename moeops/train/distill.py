@@ -28,7 +28,7 @@ from moeops.config import DistillParams, ModelArgs
 from moeops.io import sha256_file
 from moeops.model.io import load_model_dir
 from moeops.model.transformer import Transformer, param_counts
-from moeops.train.loop import TrainResult, pretrain
+from moeops.train.loop import TrainResult, pretrain, source_digest
 
 
 class _DistillLoss(torch.autograd.Function):
@@ -168,7 +168,7 @@ def plan_student(p: DistillParams, teacher_dir: Path, prepared_dir: Path, vocab_
 
 
 def _student_code() -> str:
-    return sha256_file(Path(student_mod.__file__))
+    return source_digest(Path(student_mod.__file__))
 
 
 def train_student(p: DistillParams, plan: StudentPlan, tokens: np.ndarray, meta: dict, ckpt_dir: Path,

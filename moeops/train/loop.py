@@ -9,12 +9,12 @@ slices, the LR a function of step, and every piece of mutable state is in the ch
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ from moeops.model.transformer import (
     update_router_bias,
 )
 from moeops.train import parallel
-from moeops.train.checkpoint import clean_partial, list_checkpoints, load_checkpoint, read_state, save_checkpoint
+from moeops.train.checkpoint import RUNS, arrange_runs, list_checkpoints, load_checkpoint, prune_runs, save_checkpoint
 from moeops.train.compress import Int8GradAllReduce, ring_allreduce_bytes
 from moeops.train.data import get_batch
 from moeops.train.parallel import (
@@ -94,17 +94,35 @@ def setup_determinism(seed: int, threads: int) -> int:
 
 # Keys that change how a run is logged, checkpointed or laid out over processes, not the model it
 # trains: a checkpoint resumes under any of their values (checkpoints are layout-independent).
-NOT_WEIGHT_KEYS = {"log_every", "checkpoint_every", "keep_checkpoints", "threads", "world_size", "ep_size", "pp_size",
-                   "zero_stage", "activation_checkpointing", "memory_limit_gb", "max_restarts", "hostfile"}
+NOT_WEIGHT_KEYS = {"log_every", "checkpoint_every", "keep_checkpoints", "keep_runs", "threads", "world_size", "ep_size",
+                   "pp_size", "zero_stage", "activation_checkpointing", "memory_limit_gb", "max_restarts", "hostfile"}
 CODE = [Path(__file__).resolve().parents[2] / d for d in ("kernels", "moeops/model", "moeops/train",
                                                            "moeops/config.py")]
 
 
-def code_fingerprint() -> str:
+def source_digest(path: Path) -> str:
+    """sha256 of a Python file's syntax tree without docstrings (comments are not in it): an edit
+    to either keeps the run id, so the run resumes; any change to the code changes it. A file that
+    does not parse is hashed as bytes."""
+    source = path.read_bytes()
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return hashlib.sha256(source).hexdigest()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
+def code_fingerprint(roots: list[Path] = CODE) -> str:
     h = hashlib.sha256()
-    for root in CODE:
+    for root in roots:
         for f in sorted([root] if root.is_file() else root.rglob("*.py")):
-            h.update(f.read_bytes())
+            h.update(f"{f.relative_to(root.parent)}\0{source_digest(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -120,14 +138,13 @@ def run_id(p: PretrainParams, data_meta: dict, extra: dict | None = None) -> str
 
 
 def find_resume(ckpt_dir: Path, rid: str, layout: Layout, name: str = "pretrain") -> Path | None:
-    """The newest checkpoint of this run. Rank 0 first deletes those of other runs (other params,
-    data or code) and half-written ones, so that rotation never mixes runs."""
+    """The newest checkpoint of this run. Rank 0 first parks the checkpoints of other runs (other
+    params, data or code) in ckpt_dir/runs/<run id>/ and brings back this run's if it had been
+    parked (moeops/train/checkpoint.py); nothing is deleted before this run has a checkpoint."""
     if layout.rank == 0:
-        clean_partial(ckpt_dir)
-        for ckpt in list_checkpoints(ckpt_dir):
-            if read_state(ckpt).get("run_id") != rid:
-                print(f"{name}: discarding {ckpt} (other params, data or code)")
-                shutil.rmtree(ckpt)
+        for other in arrange_runs(ckpt_dir, rid):
+            print(f"{name}: parked the checkpoints of run {other} (other params, data or code) in "
+                  f"{ckpt_dir / RUNS / other}; this is run {rid}")
     dist.barrier()
     ckpts = list_checkpoints(ckpt_dir)
     return ckpts[-1] if ckpts else None
@@ -315,6 +332,8 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
                                      "train_seconds": seconds_before + time.perf_counter() - t_start,
                                      "recent_losses": losses[-10:], "maxvio": maxvio},
                                     p.keep_checkpoints)
+                    for run in prune_runs(ckpt_dir, p.keep_runs):  # only now that this run has one
+                        print(f"{name}: deleted {run} (keep_runs={p.keep_runs})")
                 dist.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
             bar.update(1)
     finally:  # also on divergence or Ctrl-C: flush the logs, close the bar
