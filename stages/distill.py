@@ -3,7 +3,8 @@
 dvclive curves of both runs.
 
 Every check (params, tokenizer, student size, teacher-init shapes) runs before any work. Re-running
-after an interruption resumes each run from its newest checkpoint in checkpoints/distill/.
+after an interruption resumes each run from its newest checkpoint in checkpoints/distill/; other
+runs' checkpoints are parked in checkpoints/distill/{student,baseline}/runs/<run id>/ (distill.keep_runs).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """DVC stage `pretrain`: data/prepared → models/teacher, metrics/pretrain.json, dvclive plots.
 
 Re-running after Ctrl-C or kill -9 resumes from the newest complete checkpoint in
-checkpoints/pretrain and ends with the same weights as an uninterrupted run.
+checkpoints/pretrain and ends with the same weights as an uninterrupted run. Checkpoints of other
+runs (other params, data or code; e.g. a `dvc exp run` in the workspace) are parked in
+checkpoints/pretrain/runs/<run id>/ and resume when their params come back; pretrain.keep_runs
+bounds how many runs keep theirs (moeops/train/checkpoint.py).
 
 With world_size > 1 (or max_restarts, or a hostfile) the stage validates everything, then
 launches `python -m stages.pretrain --worker` processes (moeops/train/launch.py) and waits.
