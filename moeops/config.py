@@ -144,7 +144,22 @@ class CorpusParams(Section):
     # "stdlib" (the .py files of this interpreter's standard library, tests excluded), a directory,
     # a glob, a .jsonl file with a "text" field, or a list of any of these.
     source: str | list[str] = "stdlib"
-    extensions: list[str] = [".py"]  # file suffixes taken from a directory source
+    # Suffixes taken from a directory source: ".py" (or "py"), "" for files without one (LICENSE),
+    # "*" for every file (decoding and binary detection in prepare decide what is text).
+    extensions: list[str] = [".py"]
+
+    @field_validator("extensions")
+    @classmethod
+    def _extensions(cls, v):
+        import re
+
+        if not v:
+            raise ValueError('empty list: name suffixes (".txt"), "" (files without one) or "*" (every file)')
+        for e in v:
+            if e not in ("", "*") and not re.fullmatch(r"\.?[^./\\*?\[\]\s]+", e):
+                raise ValueError(f'{e!r} is not a file suffix: use ".txt" or "txt", "" (files without one) '
+                                 'or "*" (every file)')
+        return v
 
 
 class PrepareParams(Section):
@@ -152,10 +167,14 @@ class PrepareParams(Section):
     val_fraction: float = Field(0.05, gt=0, lt=1)
     min_doc_bytes: int = Field(1, ge=1)
     max_doc_bytes: int = Field(1_000_000, ge=1)
+    # A document over max_doc_bytes: split into chunks of whole lines (each <= max_doc_bytes, all in
+    # the document's split) or drop it (skipped as "oversized").
+    oversized: Literal["split", "drop"] = "split"
     dedup: bool = True
     # GX suite thresholds
     val_fraction_tolerance: float = Field(0.03, gt=0, lt=1)
-    max_skipped_fraction: float = Field(0.05, ge=0, le=1)
+    max_skipped_fraction: float = Field(0.05, ge=0, le=1)  # of non-empty documents (empty files are counted apart)
+    max_skipped_bytes_fraction: float = Field(0.05, ge=0, le=1)  # of the corpus's bytes
     min_bytes_per_token: float = Field(1.5, gt=0)
     max_bytes_per_token: float = Field(8.0, gt=0)
 

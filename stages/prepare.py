@@ -23,8 +23,11 @@ def main() -> dict:
     metrics = prepare(params, MANIFEST, OUT, REPORTS, METRICS)
     splits = ", ".join(f"{s} {metrics[s]['n_docs']} docs / {metrics[s]['n_tokens']} tokens" for s in ("train", "val"))
     skipped = sum(metrics["skipped"].values())
-    print(f"prepare: {splits}; {skipped} skipped; tokenizer {metrics['tokenizer_seconds']:.1f}s, "
+    print(f"prepare: {splits}; {skipped} skipped ({metrics['skipped']['empty']} empty, "
+          f"{100 * metrics['skipped_bytes_fraction']:.2f}% of bytes); tokenizer {metrics['tokenizer_seconds']:.1f}s, "
           f"encode {metrics['encode_seconds']:.1f}s, validate {metrics['validate_seconds']:.1f}s -> {OUT}")
+    for warning in metrics["warnings"]:  # on stdout: stderr is for errors, and this is not one
+        print(f"prepare: warning: {warning}")
     return metrics
 
 

@@ -1,5 +1,7 @@
-"""Corpus and prepare stages: manifest, filtering, hash split, BPE round-trip, determinism, the GX
-suite, and bad inputs that must end in one `error:` line, a non-zero exit and an untouched data/prepared.
+"""Corpus and prepare stages: manifest, filtering, hash split (stable as the corpus grows), oversized
+documents split into chunks, empty files counted apart, extensionless corpora, BPE round-trip,
+determinism, the GX suite, and bad inputs that must end in one `error:` line, a non-zero exit and an
+untouched data/prepared.
 
 Corpora are generated per test under tmp_path (a few dozen small files, vocab_size 300); the error
 paths run the real stage as a subprocess with cwd=tmp_path, exactly as DVC would.
@@ -8,6 +10,7 @@ paths run the real stage as a subprocess with cwd=tmp_path, exactly as DVC would
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -21,8 +24,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from moeops.cli import UserError
-from moeops.config import PrepareParams
+from moeops.cli import DataValidationError, UserError
+from moeops.config import PrepareParams, load_section
 from moeops.data import corpus as corpus_mod
 from moeops.data import prepare as prep
 from moeops.io import sha256_file
@@ -109,9 +112,18 @@ def seed_prepared(root: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------- a good run (shared)
 
 
+BIG_LINE = "an oversized document is split into chunks of whole lines, each one below max_doc_bytes\n"
+
+
+def big_text(n_lines: int) -> str:
+    """Numbered lines, so no two chunks are duplicates of each other."""
+    return "".join(f"{i:04d} {BIG_LINE}" for i in range(n_lines))
+
+
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    """A corpus with one duplicate and one empty file, prepared in-process twice (for determinism)."""
+    """A corpus with one duplicate, one empty file and one document over max_doc_bytes (split into 3
+    chunks, in train), prepared in-process twice (for determinism); the second run's stdout is kept."""
     from stages import corpus as corpus_stage
     from stages import prepare as prepare_stage
 
@@ -120,16 +132,18 @@ def good(tmp_path_factory):
     (src / "dup.txt").write_text((src / sorted(os.listdir(src))[0]).read_text())
     (src / "empty.txt").write_text("  \n")
     (src / "notes.md").write_text("not taken: wrong extension")
-    write_params(root, "src", max_skipped_fraction=0.1)
+    named_for_split(src, "big", "train", 0.25).write_text(big_text(62))  # 5766 bytes: 26 + 26 + 10 lines
+    write_params(root, "src", max_skipped_fraction=0.1, max_doc_bytes=2500)
     run_in(root, corpus_stage.main)
     metrics = run_in(root, prepare_stage.main)
     first = {p.name: p.read_bytes() for p in (root / "data" / "prepared").iterdir()}
-    metrics2 = run_in(root, prepare_stage.main)
-    return root, first, metrics, metrics2
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        metrics2 = run_in(root, prepare_stage.main)
+    return root, first, metrics, metrics2, stdout.getvalue()
 
 
 def test_prepare_outputs(good):
-    root, _, metrics, _ = good
+    root, _, metrics, *_ = good
     out = root / "data" / "prepared"
     assert sorted(p.name for p in out.iterdir()) == ["docs.parquet", "meta.json", "tokenizer.json", "train.bin",
                                                      "train.idx.npy", "val.bin", "val.idx.npy"]
@@ -139,7 +153,7 @@ def test_prepare_outputs(good):
     assert meta["source_manifest_sha256"] == sha256_file(manifest)
     docs = pd.read_parquet(out / "docs.parquet")
     assert list(docs.columns) == ["path", "sha256", "n_bytes", "n_tokens", "split", "status", "max_token_id"]
-    assert len(docs) == 42 and docs.status.value_counts().to_dict() == {"kept": 40, "duplicate": 1, "empty": 1}
+    assert len(docs) == 45 and docs.status.value_counts().to_dict() == {"kept": 43, "duplicate": 1, "empty": 1}
     for split in ("train", "val"):
         tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
         idx = np.load(out / f"{split}.idx.npy")
@@ -152,10 +166,28 @@ def test_prepare_outputs(good):
     assert (skipped.split == "").all() and (skipped.n_tokens == 0).all() and (skipped.max_token_id == -1).all()
     assert metrics["skipped"] == {"invalid_utf8": 0, "empty": 1, "binary": 0, "too_small": 0, "oversized": 0,
                                   "duplicate": 1}
+    dup_bytes = int(docs.n_bytes[docs.status == "duplicate"].iloc[0])
+    assert metrics["skipped_bytes"] == {"invalid_utf8": 0, "empty": 3, "binary": 0, "too_small": 0, "oversized": 0,
+                                        "duplicate": dup_bytes}
+    assert metrics["skipped_bytes_fraction"] == round(dup_bytes / docs.n_bytes.sum(), 6)  # the empty file aside
     assert {"tokenizer_seconds", "encode_seconds"} <= set(metrics)
     assert json.loads((root / "metrics" / "data.json").read_text())["train"]["n_docs"] == metrics["train"]["n_docs"]
     summary = json.loads((root / "reports" / "data" / "summary.json").read_text())
-    assert summary["success"] and len(summary["expectations"]) >= 9
+    assert summary["success"] and len(summary["expectations"]) >= 11
+    assert summary["skipped"]["empty"] == {"docs": 1, "bytes": 3}
+    assert summary["skipped"]["duplicate"] == {"docs": 1, "bytes": dup_bytes}
+    # The three chunks of the big document are three token-file documents but one source document.
+    assert metrics["train"]["n_docs"] == 33 and metrics["train"]["n_source_docs"] == 31
+    big = docs[docs.path.str.startswith("big_")]
+    assert big.path.str.fullmatch(r"big_\d{4}\.txt#[012]").all() and (big.split == "train").all()
+    assert metrics["train"]["largest_doc"] == big.path.iloc[0].split("#")[0]
+    assert metrics["train"]["largest_doc_bytes_share"] == round(5766 / metrics["train"]["n_bytes"], 4)
+    val = docs[(docs.status == "kept") & (docs.split == "val")]
+    assert metrics["val"]["n_bytes"] == val.n_bytes.sum() and metrics["val"]["n_source_docs"] == 10
+    assert metrics["val"]["largest_doc_bytes_share"] == round(val.n_bytes.max() / val.n_bytes.sum(), 4)
+    largest = val.loc[val.n_bytes.idxmax()]  # the tokens share is the same (largest by bytes) document's
+    assert metrics["val"]["largest_doc"] == largest.path
+    assert metrics["val"]["largest_doc_tokens_share"] == round(largest.n_tokens / val.n_tokens.sum(), 4)
     assert all({"name", "column", "success", "observed"} <= set(e) for e in summary["expectations"])
     assert (root / "reports" / "data" / "docs" / "index.html").is_file()
 
@@ -173,8 +205,12 @@ def test_round_trip(good):
         tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
         idx = np.load(out / f"{split}.idx.npy")
         kept = docs[(docs.status == "kept") & (docs.split == split)]
+        decoded: dict[str, str] = {}  # a file's chunks ("name#k", in order) decode back to the file
         for (start, end), path in zip(zip(idx[:-1], idx[1:]), kept.path, strict=True):
-            assert prep.decode_document(tok, tokens[start:end - 1]) == (root / "src" / path).read_text()
+            chunk = prep.decode_document(tok, tokens[start:end - 1])
+            assert len(chunk.encode()) <= 2500
+            decoded[path.split("#")[0]] = decoded.get(path.split("#")[0], "") + chunk
+        assert decoded == {name: (root / "src" / name).read_text() for name in decoded}
     # Text the corpus never showed, including the EOS string itself, which must stay plain text.
     tricky = ["naïve café ☕ 日本語 🦀\r\n\ttabs", "a<|endoftext|>b", " leading and trailing  ", "\x0c\x0b"]
     _, _, per_doc = prep.encode_documents(tok, tricky, "uint16", "test")
@@ -184,7 +220,7 @@ def test_round_trip(good):
 
 def test_determinism(good):
     """Two runs over the same corpus give byte-identical outputs (tokenizer.json and token files included)."""
-    root, first, _, _ = good
+    root, first, *_ = good
     second = {p.name: p.read_bytes() for p in (root / "data" / "prepared").iterdir()}
     assert first.keys() == second.keys()
     for name in first:
@@ -195,7 +231,7 @@ def test_split_by_path_hash(good):
     root = good[0]
     docs = pd.read_parquet(root / "data" / "prepared" / "docs.parquet")
     kept = docs[docs.status == "kept"]
-    assert (kept.split == [prep.split_of(p, 0.25) for p in kept.path]).all()
+    assert (kept.split == [prep.split_of(p.split("#")[0], 0.25) for p in kept.path]).all()  # chunks: their file's
     assert (kept.split == "val").sum() == 10  # make_corpus chose names for exactly 10 val documents
     # The rule itself: a fixed identity keeps its split, and the fraction converges on val_fraction.
     assert prep.split_of("/a/b.py", 0.5) == prep.split_of("/a/b.py", 0.5)
@@ -220,13 +256,18 @@ def test_manifest_sorted_stable_and_sources(tmp_path):
     entries = [json.loads(line) for line in first.splitlines()]
     paths = [e["path"] for e in entries]
     assert paths == sorted(paths) and [Path(p).name for p in paths] == ["a.txt", "b.txt", "c.txt"]
-    assert entries[0] == {"path": str(src / "a.txt"), "size": 17, "sha256": sha256_file(src / "a.txt")}
+    assert entries[0] == {"name": "a.txt", "path": str(src / "a.txt"), "size": 17,
+                          "sha256": sha256_file(src / "a.txt")}
+    assert [e["name"] for e in entries] == ["a.txt", "b.txt", "sub/c.txt"]
     run_in(tmp_path, corpus_stage.main)
     assert manifest.read_bytes() == first
-    # A glob, a list (overlaps counted once) and a .jsonl file are sources too.
+    # A glob, a list (overlaps counted once, named by the first source listing them) and a .jsonl file
+    # are sources too; a file is named relative to its source's root (a glob's leading directory).
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     files = corpus_mod.list_corpus([str(src / "*.txt"), str(src), str(tmp_path / "d.jsonl")], [".txt"])
     assert [f.name for f in files] == ["d.jsonl", "a.txt", "b.txt", "c.txt"]
+    named = corpus_mod.named_corpus([str(tmp_path / "s*" / "**" / "*.txt"), str(tmp_path / "d.jsonl")], [".txt"])
+    assert list(named.values()) == ["d.jsonl", "src/a.txt", "src/b.txt", "src/sub/c.txt"]
 
 
 def test_stdlib_source_excludes_tests_and_packages():
@@ -259,8 +300,15 @@ def test_classify_reasons():
 def test_jsonl_documents(tmp_path):
     good = b'{"text": "first"}\n\n{"text": "second", "id": 2}\n{"text": "\\ud800"}\n\xff\xfe\n'
     docs = list(prep.jsonl_documents("/c.jsonl", good))
-    assert [d.identity for d in docs] == ["/c.jsonl:1", "/c.jsonl:3", "/c.jsonl:4", "/c.jsonl:5"]
+    h = {k: prep.hashlib.sha256(v).hexdigest()[:16] for k, v in (("first", b"first"), ("raw", b"\xff\xfe"),
+                                                                  ("lone", "\ud800".encode("utf-8", "surrogatepass")))}
+    assert [d.identity for d in docs] == [f"/c.jsonl:sha256={h['first']}", "/c.jsonl:id=2",
+                                          f"/c.jsonl:sha256={h['lone']}", f"/c.jsonl:sha256={h['raw']}"]
     assert [prep.classify(d.data, 1, 100)[0] for d in docs] == ["kept", "kept", "invalid_utf8", "invalid_utf8"]
+    with pytest.raises(UserError, match=r"^/c.jsonl:3: duplicate \"id\" '7' \(first on line 1\)$"):
+        list(prep.jsonl_documents("/c.jsonl", b'{"text": "a", "id": 7}\n{"text": "b"}\n{"text": "c", "id": "7"}\n'))
+    with pytest.raises(UserError, match=r'^/c.jsonl:1: "id" must be a string or an integer, got list$'):
+        list(prep.jsonl_documents("/c.jsonl", b'{"text": "a", "id": [1]}\n'))
     with pytest.raises(UserError, match=r"^/c.jsonl:2: not valid JSON \(Expecting value\)$"):
         list(prep.jsonl_documents("/c.jsonl", b'{"text": "ok"}\n{"text": nope}\n'))
     with pytest.raises(UserError, match=r'^/c.jsonl:1: no "text" field$'):
@@ -401,3 +449,179 @@ def test_nonexistent_source(tmp_path, source, message):
     proc = run_stage(tmp_path, "prepare")
     assert_failed(proc, 2, "error: data/corpus/manifest.jsonl: not found (run `python -m stages.corpus` first)\n")
     assert not (tmp_path / "data" / "prepared").exists()
+
+
+# ---------------------------------------------------------------- a growing corpus, chunks, empty files, suffixes
+
+
+def kept_splits(manifest: Path, **params) -> dict[str, str]:
+    """identity -> split of every kept document (decided before any tokenizer work)."""
+    p = PrepareParams(**{**PREPARE, **params})
+    table, _ = prep.filter_documents(prep.load_documents(corpus_mod.read_manifest(manifest), manifest), p)
+    kept = table[table.status == "kept"]
+    return dict(zip(kept.path, kept.split, strict=True))
+
+
+def test_split_stable_as_corpus_grows(tmp_path):
+    """Files added above, beside and in new directories, and lines inserted into a .jsonl, never rename
+    or move an existing document (with identities relative to the common directory of all files, the
+    file above renamed every document; with .jsonl line numbers, the inserted line moved every later one)."""
+    rng = random.Random(1)
+    src = tmp_path / "src"
+    for sub in ("pkg", "pkg/sub", "pkg/gen"):
+        (src / sub).mkdir(parents=True)
+    for i in range(20):
+        (src / "pkg" / f"m{i}.txt").write_text(text(rng, 24))
+        (src / "pkg" / "sub" / f"s{i}.txt").write_text(text(rng, 24))
+        (src / "pkg" / "gen" / f"g{i}.md").write_text(text(rng, 24))
+    lines = [json.dumps({"text": text(rng, 24)}) for _ in range(20)]
+    jsonl = src / "pkg" / "sub" / "lines.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    sources = [str(src), str(src / "pkg" / "g*" / "*.md"), str(jsonl)]
+    corpus_mod.write_manifest(sources, [".txt"], tmp_path / "m.jsonl")
+    before = kept_splits(tmp_path / "m.jsonl", val_fraction=0.3)
+    assert len(before) == 80 and 10 < list(before.values()).count("val") < 40
+    assert {"pkg/m0.txt", "pkg/sub/s0.txt", "gen/g0.md"} <= set(before)
+
+    (src / "top.txt").write_text(text(rng, 24))  # above every other file
+    (src / "pkg" / "beside.txt").write_text(text(rng, 24))
+    (src / "pkg" / "new" / "deeper").mkdir(parents=True)
+    (src / "pkg" / "new" / "deeper" / "n.txt").write_text(text(rng, 24))
+    (src / "pkg" / "gen2").mkdir()
+    (src / "pkg" / "gen2" / "g.md").write_text(text(rng, 24))
+    lines[10:10] = [json.dumps({"text": text(rng, 24)})]
+    jsonl.write_text(json.dumps({"text": "inserted first " + text(rng, 24)}) + "\n" + "\n".join(lines) + "\n")
+    corpus_mod.write_manifest(sources, [".txt"], tmp_path / "m.jsonl")
+    after = kept_splits(tmp_path / "m.jsonl", val_fraction=0.3)
+    assert len(after) == 86
+    assert {k: after.get(k) for k in before} == before
+
+
+def test_chunk_lines():
+    data = "".join(f"line {i} " + "é" * (i % 7) + "\n" for i in range(200)).encode()
+    chunks = prep.chunk_lines(data, 100)
+    assert b"".join(chunks) == data and len(chunks) > 10
+    assert all(len(c) <= 100 and c.endswith(b"\n") for c in chunks)  # whole lines only
+    # A line longer than the limit is cut inside, never through a UTF-8 character.
+    data = ("日本語" * 100 + "\nend\r\nlast").encode()
+    chunks = prep.chunk_lines(data, 100)
+    assert b"".join(chunks) == data and all(len(c) <= 100 for c in chunks)
+    assert [c.decode() for c in chunks][-1].endswith("語\nend\r\nlast")
+
+
+def test_oversized_documents_split_or_dropped():
+    """Split: one row per chunk, '<identity>#<k>', all in the split drawn from the document's identity.
+    Drop: one 'oversized' row with the document's bytes."""
+    docs = [prep.RawDoc(f"d{i}.txt", "".join(f"document {i} line {j}\n" for j in range(40)).encode())
+            for i in range(20)]
+    p = PrepareParams(**{**PREPARE, "val_fraction": 0.5, "max_doc_bytes": 200})
+    table, texts = prep.filter_documents(docs, p)
+    assert (table.status == "kept").all() and len(texts) == len(table) > 20
+    for doc in docs:
+        rows = table[table.document == doc.identity]
+        assert rows.path.tolist() == [f"{doc.identity}#{k}" for k in range(len(rows))]
+        assert set(rows.split) == {prep.split_of(doc.identity, 0.5)} and rows.n_bytes.sum() == len(doc.data)
+    assert set(table.split) == {"train", "val"}
+    table, texts = prep.filter_documents(docs, p.model_copy(update={"oversized": "drop"}))
+    assert table.status.tolist() == ["oversized"] * 20 and not texts
+    assert prep.skipped_bytes(table)["oversized"] == sum(len(d.data) for d in docs)
+
+    from moeops.data.validate import with_derived_columns
+
+    table, _ = prep.filter_documents(docs, p)
+    assert not with_derived_columns(table).document_in_both_splits.any()
+    moved = table.copy()
+    moved.loc[0, "split"] = "val" if moved.loc[0, "split"] == "train" else "train"  # one chunk in the other split
+    flagged = with_derived_columns(moved)
+    assert set(flagged.document[flagged.document_in_both_splits]) == {"d0.txt"}
+
+
+def prepare_in(root: Path, source, extensions, **params) -> dict:
+    """corpus + prepare in-process (GX is imported once per test process) into root/{data,reports,metrics}."""
+    corpus_mod.write_manifest(source, extensions, root / "m.jsonl")
+    return prep.prepare(PrepareParams(**{**PREPARE, **params}), root / "m.jsonl", root / "data" / "prepared",
+                        root / "reports" / "data", root / "metrics" / "data.json")
+
+
+def test_oversized_bytes_bounded(tmp_path):
+    """One document holding half the corpus's bytes: dropping it is 1 document in 41 (under
+    max_skipped_fraction) but 50% of the bytes, which the suite stops; split into chunks, nothing is lost."""
+    src = make_corpus(tmp_path / "src")
+    corpus_bytes = sum(f.stat().st_size for f in src.iterdir())
+    (src / "big.txt").write_text(big_text(corpus_bytes // (len(BIG_LINE) + 5)))
+    with pytest.raises(DataValidationError) as e:
+        prepare_in(tmp_path, str(src), [".txt"], max_doc_bytes=5000, max_skipped_fraction=0.05, oversized="drop")
+    big = (src / "big.txt").stat().st_size
+    share = 100 * big / (corpus_bytes + big)
+    assert str(e.value) == (f"expect_column_sum_to_be_between(skipped_bytes_share): {share:.3g}% of the corpus's "
+                            f"bytes skipped (oversized: {big} bytes; largest big.txt) > "
+                            f"max_skipped_bytes_fraction=0.05")
+    summary = json.loads((tmp_path / "reports" / "data" / "summary.json").read_text())
+    assert summary["skipped"]["oversized"] == {"docs": 1, "bytes": big} and not summary["success"]
+    assert not (tmp_path / "data" / "prepared").exists()
+
+    metrics = prepare_in(tmp_path, str(src), [".txt"], max_doc_bytes=5000, max_skipped_fraction=0.05)
+    assert metrics["skipped_bytes_fraction"] == 0 and metrics["skipped"]["oversized"] == 0
+    docs = pd.read_parquet(tmp_path / "data" / "prepared" / "docs.parquet")
+    chunks = docs[docs.path.str.startswith("big.txt#")]
+    assert len(chunks) >= 2 and (chunks.n_bytes <= 5000).all()
+    assert chunks.n_bytes.sum() == big and chunks.split.nunique() == 1 and (chunks.status == "kept").all()
+
+
+def test_extensionless_corpus_and_empty_files(tmp_path):
+    """A directory of license texts without suffixes ("GPL-2") or with odd ones ("Apache-2.0") is a corpus
+    with extensions ["*"]; empty files are counted as "empty" but never count against the limits."""
+    rng = random.Random(2)
+    src = tmp_path / "licenses"
+    for i in range(4):
+        (src / f"pkg{i}").mkdir(parents=True)
+        (src / f"pkg{i}" / "__init__").write_text("")
+    for i in range(15):
+        (src / f"GPL-{i}").write_text(text(rng))
+        (src / f"Apache-{i}.0").write_text(text(rng))
+    (src / ".hidden").write_text("hidden files are never taken")
+    assert len(corpus_mod.list_corpus(str(src), [""])) == 19  # no suffix: GPL-* and the __init__ files
+    assert len(corpus_mod.list_corpus(str(src), ["*"])) == 34
+    metrics = prepare_in(tmp_path, str(src), ["*"], max_skipped_fraction=0.0, max_skipped_bytes_fraction=0.0)
+    assert metrics["skipped"]["empty"] == 4 and metrics["skipped_bytes_fraction"] == 0
+    assert metrics["train"]["n_docs"] + metrics["val"]["n_docs"] == 30
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data" / "prepared").iterdir()}
+
+    (src / "logo").write_bytes(BAD_FILES["binary"])  # 1 of 31 non-empty documents: 3.23% (of 35: 2.86%)
+    with pytest.raises(DataValidationError) as e:
+        prepare_in(tmp_path, str(src), ["*"], max_skipped_fraction=0.0)
+    assert str(e.value) == ("expect_column_values_to_be_in_set(status): 3.23% of documents skipped (binary: 1) > "
+                            "max_skipped_fraction=0.0")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "prepared").iterdir()} == before
+
+
+@pytest.mark.parametrize("extensions, message", [
+    ([], 'empty list: name suffixes (".txt"), "" (files without one) or "*" (every file)'),
+    (["*.txt"], "'*.txt' is not a file suffix"),
+    (["src/"], "'src/' is not a file suffix"),
+    ([".tar.gz"], "'.tar.gz' is not a file suffix"),
+    ([" py"], "' py' is not a file suffix"),
+])
+def test_bad_extensions(tmp_path, extensions, message):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"corpus": {"source": "src", "extensions": extensions}}))
+    with pytest.raises(UserError) as e:
+        load_section("corpus", tmp_path / "params.yaml")
+    assert str(e.value).startswith(f"{tmp_path / 'params.yaml'}: corpus.extensions: {message}")
+    assert "\n" not in str(e.value)
+
+
+def test_good_extensions(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"corpus": {"extensions": ["", "*", "py", ".md"]}}))
+    assert load_section("corpus", tmp_path / "params.yaml").extensions == ["", "*", "py", ".md"]
+
+
+def test_small_val_warns(good):
+    """10 val documents: a printed warning and a field in metrics/data.json, not a failure."""
+    root, _, metrics, _, stdout = good
+    assert metrics["warnings"] == [w.removeprefix("prepare: warning: ") for w in stdout.splitlines()
+                                   if w.startswith("prepare: warning: ")]
+    assert len(metrics["warnings"]) == 1 and metrics["warnings"][0].startswith("val split is small (10 documents, ")
+    assert json.loads((root / "metrics" / "data.json").read_text())["warnings"] == metrics["warnings"]
+    assert prep.val_warnings({"n_source_docs": 30, "n_bytes": 100_000}) == []
+    assert len(prep.val_warnings({"n_source_docs": 29, "n_bytes": 10**6})) == 1
+    assert len(prep.val_warnings({"n_source_docs": 1000, "n_bytes": 99_999})) == 1

@@ -1,7 +1,12 @@
-"""Corpus discovery: turn `corpus.source` into a sorted manifest of files with their size and sha256.
+"""Corpus discovery: turn `corpus.source` into a sorted manifest of files with their name, size and sha256.
 
 The manifest is the only thing later DVC stages depend on (the corpus stage is always_changed), so it
 must be byte-identical whenever the files are: sorted absolute paths, sorted JSON keys, no timestamps.
+
+A file's `name` is its path relative to the root of the source that lists it (`source_root`): the
+stdlib directory, the configured directory, a glob's directory part, a file's own directory. The
+name is the document's identity, which decides its train/val split, so it must not depend on which
+other files the corpus holds: adding a file anywhere never renames (and so never re-splits) another.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ STDLIB = "stdlib"
 # data) rather than representative code.
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 GLOB_CHARS = set("*?[")
+ALL_FILES = "*"  # in `corpus.extensions`: every file of a directory source; decoding then decides what is text
 
 
 def is_test_dir(name: str) -> bool:
@@ -41,13 +47,34 @@ def stdlib_files(root: str | Path | None = None) -> list[Path]:
 
 
 def dir_files(root: Path, extensions: Iterable[str]) -> list[Path]:
-    """Files under `root` (recursive) whose suffix is one of `extensions`; hidden dirs are skipped."""
-    suffixes = {e if e.startswith(".") else f".{e}" for e in extensions}
+    """Files under `root` (recursive) whose suffix is one of `extensions` ("" takes files without a
+    suffix, like LICENSE; "*" takes every file). Hidden files and dirs (.git, .DS_Store) are skipped."""
+    extensions = list(extensions)
+    suffixes = {e if e.startswith(".") or not e else f".{e}" for e in extensions}
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, f) for f in filenames if Path(f).suffix in suffixes]
+        found += [Path(dirpath, f) for f in filenames
+                  if not f.startswith(".") and (ALL_FILES in extensions or Path(f).suffix in suffixes)]
     return found
+
+
+def source_root(source: str) -> Path:
+    """The directory a source's file names are relative to: the stdlib directory, the directory itself,
+    a file's parent, or a glob's leading directory part without glob characters ("src" for src/**/*.txt)."""
+    if source == STDLIB:
+        return Path(os.path.abspath(sysconfig.get_paths()["stdlib"]))
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return Path(os.path.abspath(path))
+    if path.is_file():
+        return Path(os.path.abspath(path.parent))
+    plain = []
+    for part in path.parts:
+        if GLOB_CHARS & set(part):
+            break
+        plain.append(part)
+    return Path(os.path.abspath(Path(*plain) if plain else Path(".")))
 
 
 def resolve_source(source: str, extensions: Iterable[str]) -> list[Path]:
@@ -69,27 +96,42 @@ def resolve_source(source: str, extensions: Iterable[str]) -> list[Path]:
     raise UserError(f"corpus.source: {source}: no such file or directory")
 
 
-def list_corpus(source: str | list[str], extensions: Iterable[str]) -> list[Path]:
-    """All files of all sources, absolute, deduplicated and sorted (the manifest order)."""
+def named_corpus(source: str | list[str], extensions: Iterable[str]) -> dict[Path, str]:
+    """Every file of every source (absolute path) -> its name relative to its source's root, in manifest
+    order (sorted paths). A file listed by several sources takes its name from the first of them."""
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
         raise UserError("corpus.source: empty list")
     extensions = list(extensions)
-    files = {Path(os.path.abspath(p)) for s in sources for p in resolve_source(s, extensions)}
+    names: dict[Path, str] = {}
+    for s in sources:
+        root = source_root(s)
+        for p in resolve_source(s, extensions):
+            path = Path(os.path.abspath(p))
+            names.setdefault(path, Path(os.path.relpath(path, root)).as_posix())
+    check_names(names)
+    if not names:
+        raise UserError(f"corpus: no documents found in {', '.join(sources)} (extensions: {' '.join(extensions)})")
+    return {p: names[p] for p in sorted(names, key=str)}
+
+
+def check_names(files: Iterable[Path]) -> None:
     for f in files:
         try:
             str(f).encode("utf-8")
         except UnicodeEncodeError:  # os.walk hands back undecodable names as surrogates
             raise UserError(f"corpus: {str(f).encode('utf-8', 'surrogateescape')!r}: file name is not UTF-8; "
                             "rename or exclude it") from None
-    if not files:
-        raise UserError(f"corpus: no documents found in {', '.join(sources)} (extensions: {' '.join(extensions)})")
-    return sorted(files, key=str)
 
 
-def manifest_entry(path: Path) -> dict:
+def list_corpus(source: str | list[str], extensions: Iterable[str]) -> list[Path]:
+    """All files of all sources, absolute, deduplicated and sorted (the manifest order)."""
+    return list(named_corpus(source, extensions))
+
+
+def manifest_entry(path: Path, name: str) -> dict:
     try:
-        return {"path": str(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
+        return {"name": name, "path": str(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
@@ -102,7 +144,7 @@ def manifest_bytes(entries: list[dict]) -> bytes:
 def write_manifest(source: str | list[str], extensions: Iterable[str], out: str | Path) -> list[dict]:
     """List the corpus and write the manifest atomically; an identical manifest is left untouched."""
     out = Path(out)
-    entries = [manifest_entry(p) for p in list_corpus(source, extensions)]
+    entries = [manifest_entry(p, name) for p, name in named_corpus(source, extensions).items()]
     data = manifest_bytes(entries)
     if not (out.is_file() and out.read_bytes() == data):
         try:
@@ -125,9 +167,11 @@ def read_manifest(path: str | Path) -> list[dict]:
     for lineno, line in enumerate(lines, 1):
         try:
             e = json.loads(line)
-            entry = {"path": str(e["path"]), "size": int(e["size"]), "sha256": str(e["sha256"])}
+            entry = {"name": str(e["name"]), "path": str(e["path"]), "size": int(e["size"]),
+                     "sha256": str(e["sha256"])}
         except (ValueError, TypeError, KeyError):
-            raise UserError(f"{path}:{lineno}: not a manifest line (expected path, size, sha256)") from None
+            raise UserError(f"{path}:{lineno}: not a manifest line (expected name, path, size, sha256); "
+                            "rerun `python -m stages.corpus`") from None
         entries.append(entry)
     if not entries:
         raise UserError(f"{path}: empty manifest (run `python -m stages.corpus`)")

@@ -6,6 +6,10 @@ counts the EOS after each document, docs.parquet's n_tokens does not):
   data/prepared/{tokenizer.json, train.bin, val.bin, train.idx.npy, val.idx.npy, meta.json, docs.parquet}
   reports/data/{docs/ (GX Data Docs), summary.json}   also written when the suite fails
   metrics/data.json                                    on success only
+
+A document's identity decides its split and belongs to the document alone: a file's name relative to
+its configured source root (the manifest's `name`), a .jsonl line's "id" or content hash. An oversized
+document may be split into chunks "<identity>#<k>", which all follow the document's split.
 """
 
 from __future__ import annotations
@@ -33,6 +37,16 @@ from moeops.io import atomic_write_json, replace_dir, sha256_file
 EOS = "<|endoftext|>"
 EOS_ID = 0
 SKIP_REASONS = ("invalid_utf8", "empty", "binary", "too_small", "oversized", "duplicate")
+# Empty files (every package's empty __init__.py) are counted and reported, but are no loss of text, so
+# the suite's skipped-document and skipped-byte limits count only these reasons.
+COUNTED_SKIPS = tuple(r for r in SKIP_REASONS if r != "empty")
+DOC_COLUMNS = ["path", "sha256", "n_bytes", "n_tokens", "split", "status", "max_token_id"]  # docs.parquet
+# The gate scores the val split per document (a paired bootstrap over documents) in bits per byte.
+# Rules of thumb, not measurements: below ~30 documents a bootstrap over documents is a poor stand-in
+# for the sampling distribution (one document swings it), and below ~100 KB of text a 1% difference
+# between two models rests on a few tens of thousands of tokens. Under either, prepare warns.
+VAL_MIN_DOCS = 30
+VAL_MIN_BYTES = 100_000
 # More control characters (Unicode category Cc, except tab, newlines, vertical tab and form feed) than
 # this fraction of the text reads as binary, not text. A regex keeps the scan in C on the 12 MB corpus.
 MAX_CONTROL_FRACTION = 0.10
@@ -41,7 +55,7 @@ ENCODE_CHUNK = 256  # documents per encode_batch call: big enough for parallelis
 
 
 class RawDoc(NamedTuple):
-    identity: str  # the path relative to the corpus root, or "path:lineno" for a .jsonl document; decides the split
+    identity: str  # the name relative to its source root, or "<name>:id=…" / "<name>:sha256=…" for a .jsonl line
     data: bytes
 
 
@@ -63,39 +77,57 @@ def read_verified(entry: dict, manifest: Path) -> bytes:
     return data
 
 
+def content_identity(path: str, data: bytes) -> str:
+    return f"{path}:sha256={hashlib.sha256(data).hexdigest()[:16]}"
+
+
 def jsonl_documents(path: str, data: bytes) -> Iterator[RawDoc]:
-    """Each non-blank line's "text" is a document. A line that is not UTF-8 yields its raw bytes, so it
-    is skipped as invalid_utf8 like any file; malformed JSON or a missing field is the user's error."""
+    """Each non-blank line's "text" is a document. Its identity never involves its line number, so
+    inserting or deleting lines moves no other line between splits: "<path>:id=<id>" when the line has
+    an "id" (a string or an integer, unique in the file), else "<path>:sha256=<16 hex digits of the
+    text's UTF-8>" (identical texts share a split). A line that is not UTF-8 yields its raw bytes (named
+    by their hash), so it is skipped as invalid_utf8 like any file; malformed JSON, a missing field or a
+    bad or repeated id is the user's error."""
+    first_line: dict[str, int] = {}
     for lineno, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
             continue
-        identity = f"{path}:{lineno}"
+        where = f"{path}:{lineno}"
         try:
             line.decode("utf-8")
         except UnicodeDecodeError:
-            yield RawDoc(identity, line)
+            yield RawDoc(content_identity(path, line), line)
             continue
         try:
             obj = json.loads(line)
         except ValueError as e:
-            raise UserError(f"{identity}: not valid JSON ({e.args[0].split(':')[0]})") from None
+            raise UserError(f"{where}: not valid JSON ({e.args[0].split(':')[0]})") from None
         if not isinstance(obj, dict) or "text" not in obj:
-            raise UserError(f'{identity}: no "text" field')
+            raise UserError(f'{where}: no "text" field')
         if not isinstance(obj["text"], str):
-            raise UserError(f'{identity}: "text" must be a string, got {type(obj["text"]).__name__}')
+            raise UserError(f'{where}: "text" must be a string, got {type(obj["text"]).__name__}')
         # surrogatepass keeps a lone surrogate ("\ud800" in JSON) as bytes that fail UTF-8 decoding later.
-        yield RawDoc(identity, obj["text"].encode("utf-8", "surrogatepass"))
+        text = obj["text"].encode("utf-8", "surrogatepass")
+        if "id" not in obj:
+            yield RawDoc(content_identity(path, text), text)
+            continue
+        doc_id = obj["id"]
+        if isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
+            raise UserError(f'{where}: "id" must be a string or an integer, got {type(doc_id).__name__}')
+        if str(doc_id) in first_line:
+            raise UserError(f'{where}: duplicate "id" {doc_id!r} (first on line {first_line[str(doc_id)]})')
+        first_line[str(doc_id)] = lineno
+        yield RawDoc(f"{path}:id={doc_id}", text)
 
 
 def load_documents(entries: list[dict], manifest: Path) -> list[RawDoc]:
-    """Documents named by their path relative to the corpus root (the common directory of all
-    files), so that the split of the stdlib corpus does not depend on where Python is installed."""
+    """Documents named by the manifest's `name`: the path relative to the configured source root, so a
+    split depends neither on where Python is installed nor on which other files the corpus holds."""
     docs: list[RawDoc] = []
-    root = os.path.commonpath([os.path.dirname(e["path"]) for e in entries]) if entries else ""
     with tqdm(total=sum(e["size"] for e in entries), unit="B", unit_scale=True, desc="read", disable=None) as bar:
         for entry in entries:
             data = read_verified(entry, manifest)
-            name = os.path.relpath(entry["path"], root)
+            name = entry["name"]
             if entry["path"].endswith(".jsonl"):
                 docs += jsonl_documents(name, data)
             else:
@@ -132,35 +164,100 @@ def classify(data: bytes, min_doc_bytes: int, max_doc_bytes: int) -> tuple[str, 
 
 
 def split_of(identity: str, val_fraction: float) -> str:
-    """Deterministic split from the document's path identity: stable across runs and machines and
+    """Deterministic split from the document's identity: stable across runs and machines and
     independent of the other documents, so adding a file never moves an existing one."""
     u = int(hashlib.sha256(identity.encode()).hexdigest()[:16], 16) / 2**64
     return "val" if u < val_fraction else "train"
 
 
+def chunk_lines(data: bytes, max_bytes: int) -> list[bytes]:
+    """`data` in consecutive chunks of at most `max_bytes` that concatenate back to it: whole lines packed
+    greedily; a single line longer than `max_bytes` is cut inside, at a UTF-8 character boundary."""
+    chunks: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for line in data.splitlines(keepends=True):
+        if current and size + len(line) > max_bytes:
+            chunks.append(b"".join(current))
+            current, size = [], 0
+        while len(line) > max_bytes:
+            cut = max_bytes
+            while cut > 0 and 0x80 <= line[cut] < 0xC0:  # never start a piece with a continuation byte
+                cut -= 1
+            cut = cut or max_bytes  # max_bytes below one character's width: the piece stays oversized
+            chunks.append(line[:cut])
+            line = line[cut:]
+        current.append(line)
+        size += len(line)
+    if current:
+        chunks.append(b"".join(current))
+    return chunks
+
+
 def filter_documents(docs: list[RawDoc], p: Any) -> tuple[pd.DataFrame, list[str]]:
-    """The docs table (one row per document, kept and skipped, in manifest order) and the kept texts
-    aligned with its kept rows. With dedup the first document (by path order) of a content wins."""
+    """The docs table (one row per document or chunk, kept and skipped, in manifest order) and the kept
+    texts aligned with its kept rows. With `p.oversized == "split"` an oversized document becomes one row
+    per chunk (`chunk_lines`), path "<identity>#<k>", each judged like a document; every row's `document`
+    column (in memory for the suite, not in docs.parquet) is the identity its split is drawn from, so
+    all chunks of a document land in one split. With dedup the first document (by path order) of a
+    content wins."""
     rows, texts, seen = [], [], set()
     for doc in docs:
         status, text = classify(doc.data, p.min_doc_bytes, p.max_doc_bytes)
-        digest = hashlib.sha256(doc.data).hexdigest()
-        if status == "kept" and p.dedup:
-            status = "duplicate" if digest in seen else status
-            seen.add(digest)
-        kept = status == "kept"
-        rows.append({"path": doc.identity, "sha256": digest, "n_bytes": len(doc.data), "n_tokens": 0,
-                     "split": split_of(doc.identity, p.val_fraction) if kept else "", "status": status,
-                     "max_token_id": -1})
-        if kept:
-            texts.append(text)
-    table = pd.DataFrame(rows, columns=["path", "sha256", "n_bytes", "n_tokens", "split", "status", "max_token_id"])
+        parts = [(doc.identity, doc.data, status, text)]
+        if status == "oversized" and p.oversized == "split":
+            parts = [(f"{doc.identity}#{k}", chunk, *classify(chunk, p.min_doc_bytes, p.max_doc_bytes))
+                     for k, chunk in enumerate(chunk_lines(doc.data, p.max_doc_bytes))]
+        split = split_of(doc.identity, p.val_fraction)
+        for path, data, status, text in parts:
+            digest = hashlib.sha256(data).hexdigest()
+            if status == "kept" and p.dedup:
+                status = "duplicate" if digest in seen else status
+                seen.add(digest)
+            kept = status == "kept"
+            rows.append({"path": path, "document": doc.identity, "sha256": digest, "n_bytes": len(data),
+                         "n_tokens": 0, "split": split if kept else "", "status": status, "max_token_id": -1})
+            if kept:
+                texts.append(text)
+    table = pd.DataFrame(rows, columns=[*DOC_COLUMNS[:1], "document", *DOC_COLUMNS[1:]])
     return table.astype({"n_bytes": "int64", "n_tokens": "int64", "max_token_id": "int64"}), texts
 
 
 def skipped_counts(docs: pd.DataFrame) -> dict[str, int]:
     counts = Counter(docs.status)
     return {reason: counts.get(reason, 0) for reason in SKIP_REASONS}
+
+
+def skipped_bytes(docs: pd.DataFrame) -> dict[str, int]:
+    by_reason = docs.groupby("status").n_bytes.sum()
+    return {reason: int(by_reason.get(reason, 0)) for reason in SKIP_REASONS}
+
+
+def skipped_bytes_fraction(docs: pd.DataFrame) -> float:
+    """The share of the corpus's bytes in skipped documents, empty ones aside (see COUNTED_SKIPS)."""
+    total = int(docs.n_bytes.sum())
+    return int(docs.n_bytes[docs.status.isin(COUNTED_SKIPS)].sum()) / total if total else 0.0
+
+
+def split_composition(docs: pd.DataFrame, split: str) -> dict[str, Any]:
+    """What a split is made of, per source document (a split document's chunks count once): how many,
+    their bytes, and the largest one's share of the split's bytes and tokens (a val split dominated by
+    one document scores that document more than the model)."""
+    kept = docs[(docs.status == "kept") & (docs.split == split)]
+    per_doc = kept.groupby("document")[["n_bytes", "n_tokens"]].sum()
+    n_bytes, n_tokens = int(kept.n_bytes.sum()), int(kept.n_tokens.sum())
+    largest = per_doc.n_bytes.idxmax() if len(per_doc) else None
+    return {"n_bytes": n_bytes, "n_source_docs": len(per_doc), "largest_doc": largest,
+            "largest_doc_bytes_share": round(per_doc.n_bytes[largest] / n_bytes, 4) if n_bytes else None,
+            "largest_doc_tokens_share": round(per_doc.n_tokens[largest] / n_tokens, 4) if n_tokens else None}
+
+
+def val_warnings(val: dict[str, Any]) -> list[str]:
+    if val["n_source_docs"] >= VAL_MIN_DOCS and val["n_bytes"] >= VAL_MIN_BYTES:
+        return []
+    return [f"val split is small ({val['n_source_docs']} documents, {val['n_bytes'] / 1000:.0f} KB; under "
+            f"{VAL_MIN_DOCS} documents or {VAL_MIN_BYTES // 1000} KB): its bits per byte and the gate's "
+            "comparison rest on little text; raise prepare.val_fraction or add documents"]
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -228,7 +325,7 @@ def write_prepared(out: Path, tok, docs: pd.DataFrame, encoded: dict, meta: dict
         flat.tofile(out / f"{split}.bin")
         np.save(out / f"{split}.idx.npy", offsets)
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    docs.to_parquet(out / "docs.parquet", index=False)
+    docs[DOC_COLUMNS].to_parquet(out / "docs.parquet", index=False)
 
 
 def fill_token_columns(docs: pd.DataFrame, encoded: dict) -> pd.DataFrame:
@@ -254,10 +351,14 @@ def make_metrics(meta: dict, docs: pd.DataFrame, splits: pd.DataFrame, seconds: 
     bpt = splits.set_index("split").bytes_per_token
     metrics: dict[str, Any] = {
         split: {"n_docs": s["n_docs"], "n_tokens": s["n_tokens"],
-                "bytes_per_token": None if pd.isna(bpt[split]) else round(float(bpt[split]), 4)}
+                "bytes_per_token": None if pd.isna(bpt[split]) else round(float(bpt[split]), 4),
+                **split_composition(docs, split)}
         for split, s in meta["splits"].items()
     }
     metrics["skipped"] = skipped_counts(docs)
+    metrics["skipped_bytes"] = skipped_bytes(docs)
+    metrics["skipped_bytes_fraction"] = round(skipped_bytes_fraction(docs), 6)
+    metrics["warnings"] = val_warnings(metrics["val"])
     metrics.update({f"{k}_seconds": round(v, 3) for k, v in seconds.items()})
     return metrics
 
@@ -280,7 +381,11 @@ def validate_and_report(reports: Path, tables: dict[str, pd.DataFrame], params: 
     tmp = temp_dir_beside(reports)
     try:
         records = run_suite(tables, params, tmp / "docs")
-        summary = {"success": all(r["success"] for r in records), "expectations": records}
+        docs = tables["docs"]
+        summary = {"success": all(r["success"] for r in records), "expectations": records,
+                   "skipped": {reason: {"docs": n, "bytes": b} for (reason, n), b
+                               in zip(skipped_counts(docs).items(), skipped_bytes(docs).values(), strict=True)},
+                   "skipped_bytes_fraction": round(skipped_bytes_fraction(docs), 6)}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         replace_dir(tmp, reports)
     finally:

@@ -1,8 +1,10 @@
 """Great Expectations 1.x suite over the prepared data.
 
 Two tables are validated:
-  docs    one row per source document (kept and skipped), from docs.parquet, plus derived columns
-          (`in_both_splits`, `is_val`) that turn cross-row properties into per-row checks;
+  docs    one row per source document or chunk (kept and skipped), from docs.parquet plus the in-memory
+          `document` column (the identity a chunk's split follows), plus derived columns
+          (`in_both_splits`, `document_in_both_splits`, `is_val`, `skipped_bytes_share`) that turn
+          cross-row properties into per-row checks;
   splits  one row per split, computed by reading the written train/val .bin and .idx.npy files back,
           so the suite checks what is on disk, not what the encoder meant to write.
 
@@ -21,6 +23,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+
+from moeops.data.prepare import COUNTED_SKIPS
 
 SPLITS = ("train", "val")
 
@@ -71,13 +75,21 @@ def split_table(prepared: Path, docs: pd.DataFrame, dtype: str, eos_id: int) -> 
 
 def with_derived_columns(docs: pd.DataFrame) -> pd.DataFrame:
     """`in_both_splits`: a kept document whose content also sits, kept, in the other split (a leak that
-    dedup prevents); `is_val`: 1.0/0.0 for kept documents, NaN for skipped ones so the mean is the
-    val fraction of kept documents (GX aggregates skip nulls)."""
+    dedup prevents); `document_in_both_splits`: a kept chunk whose document has kept chunks in the other
+    split; `is_val`: 1.0/0.0 for kept documents, NaN for skipped ones so the mean is the val fraction of
+    kept documents (GX aggregates skip nulls); `skipped_bytes_share`: a skipped (not empty) row's share
+    of all the corpus's bytes, 0 otherwise, so the column's sum is the skipped byte fraction."""
     docs = docs.copy()
+    if "document" not in docs:  # a docs.parquet read back: no chunks are told apart from their documents
+        docs.insert(1, "document", docs.path)
     kept = docs.status == "kept"
     n_splits = docs[kept].groupby("sha256").split.nunique()
     docs["in_both_splits"] = kept & docs.sha256.map(n_splits).fillna(0).gt(1)
+    n_doc_splits = docs[kept].groupby("document").split.nunique()
+    docs["document_in_both_splits"] = kept & docs.document.map(n_doc_splits).fillna(0).gt(1)
     docs["is_val"] = np.where(kept, (docs.split == "val").astype(float), np.nan)
+    total = max(int(docs.n_bytes.sum()), 1)
+    docs["skipped_bytes_share"] = np.where(docs.status.isin(COUNTED_SKIPS), docs.n_bytes / total, 0.0)
     return docs
 
 
@@ -158,13 +170,34 @@ def explain_val_fraction(val_fraction: float, tol: float) -> Callable[[dict[str,
     return explain
 
 
+def skip_reasons(skipped: pd.DataFrame, unit: str = "docs") -> str:
+    by = skipped.groupby("status").n_bytes
+    counts = by.size() if unit == "docs" else by.sum()
+    return ", ".join(f"{k}: {v}" if unit == "docs" else f"{k}: {v} bytes" for k, v in sorted(counts.items()))
+
+
 def explain_skipped(max_skipped: float) -> Callable[[dict[str, pd.DataFrame]], str]:
     def explain(t):
-        d = t["docs"]
+        d = t["docs"][t["docs"].status != "empty"]  # empty files are counted apart, never against the limit
         skipped = d[d.status != "kept"]
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.status.value_counts().items()))
-        return f"{pct(len(skipped) / len(d))} of documents skipped ({reasons}) > max_skipped_fraction={max_skipped}"
+        return (f"{pct(len(skipped) / len(d))} of documents skipped ({skip_reasons(skipped)}) > "
+                f"max_skipped_fraction={max_skipped}")
     return explain
+
+
+def explain_skipped_bytes(max_fraction: float) -> Callable[[dict[str, pd.DataFrame]], str]:
+    def explain(t):
+        d = t["docs"]
+        skipped = d[d.status.isin(COUNTED_SKIPS)]
+        largest = examples(skipped.sort_values("n_bytes", ascending=False).path, 1)
+        return (f"{pct(skipped.n_bytes.sum() / d.n_bytes.sum())} of the corpus's bytes skipped "
+                f"({skip_reasons(skipped, 'bytes')}; largest {largest}) > max_skipped_bytes_fraction={max_fraction}")
+    return explain
+
+
+def explain_document_leak(t: dict[str, pd.DataFrame]) -> str:
+    leaked = t["docs"][t["docs"].document_in_both_splits.astype(bool)]
+    return f"chunks of {leaked.document.nunique()} documents sit in both train and val ({examples(leaked.document)})"
 
 
 def build_checks(gx: Any, p: Any) -> list[Check]:
@@ -189,11 +222,17 @@ def build_checks(gx: Any, p: Any) -> list[Check]:
                                                       max_value=p.max_doc_bytes, row_condition=kept),
               explain_doc_bytes(p.min_doc_bytes, p.max_doc_bytes)),
         Check("docs", E.ExpectColumnValuesToBeInSet(column="in_both_splits", value_set=[False]), explain_leak),
+        Check("docs", E.ExpectColumnValuesToBeInSet(column="document_in_both_splits", value_set=[False]),
+              explain_document_leak),
         Check("docs", E.ExpectColumnMeanToBeBetween(column="is_val", min_value=lo_val, max_value=hi_val),
               explain_val_fraction(p.val_fraction, p.val_fraction_tolerance)),
         Check("docs", E.ExpectColumnValuesToBeInSet(column="status", value_set=["kept"],
-                                                    mostly=1 - p.max_skipped_fraction),
+                                                    mostly=1 - p.max_skipped_fraction,
+                                                    row_condition=Column("status") != "empty"),
               explain_skipped(p.max_skipped_fraction)),
+        Check("docs", E.ExpectColumnSumToBeBetween(column="skipped_bytes_share",
+                                                   max_value=p.max_skipped_bytes_fraction),
+              explain_skipped_bytes(p.max_skipped_bytes_fraction)),
     ]
 
 
