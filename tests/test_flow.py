@@ -81,12 +81,14 @@ PIPELINE = {
 FAIL = py("import sys; open('runs.txt', 'a').write('x'); print('working'); "
           "print('error: something went wrong', file=sys.stderr); sys.exit(2)")
 
-# The stage starts a grandchild in its process group, records both pids, then hangs.
+# The stage starts a grandchild in its process group, records both pids, then hangs (and would
+# leave a `finished` file if it ever ran to the end).
 HANG = py("import os, subprocess, time; p = subprocess.Popen(['sleep', '300']); "
-          "open('pids.tmp', 'w').write(f'{os.getpid()} {p.pid}'); os.rename('pids.tmp', 'pids'); time.sleep(300)")
+          "open('pids.tmp', 'w').write(f'{os.getpid()} {p.pid}'); os.rename('pids.tmp', 'pids'); time.sleep(300); "
+          "open('finished', 'w')")
 
 
-def read_pids(repo: Path, within_s: float = 20.0) -> list[int]:
+def read_pids(repo: Path, within_s: float = 120.0) -> list[int]:  # a bound on the wait, not a timing claim
     deadline = time.monotonic() + within_s
     while not (repo / "pids").exists():
         assert time.monotonic() < deadline, "the stage never wrote its pids"
@@ -132,12 +134,11 @@ def test_failed_stage_fails_the_flow_with_its_error_after_retries(tmp_path):
 
 def test_timeout_kills_the_stage_process_tree(tmp_path):
     repo = make_repo(tmp_path, {"hang": {"cmd": HANG}}, {**FAST, "stage_timeout_s": 4.0})
-    start = time.monotonic()
     with pytest.raises(StageTimeout, match="timed out after 4 s"):
         pipeline(repo=str(repo))
-    assert time.monotonic() - start < 30
     for pid in read_pids(repo, within_s=0):
         assert wait_dead(pid), f"pid {pid} of the timed-out stage is still running"
+    assert not (repo / "finished").exists()  # killed, not waited for
 
 
 def test_run_stage_direct(tmp_path):
