@@ -174,7 +174,7 @@ def run(project: Path, repeats: int, champion: str, candidates: list[str], stric
             registry = regs / f"cli-{r}"  # 2. register + promote (+ tags) of the champion's gate.json, twice
             t["promote_cli"].append(promote_cli(p, registry)[0])
             t["promote_in_process"].append(promote_in_process(p, regs / f"inproc-{r}"))
-            version_mb = dir_mb(registry / name)
+            version_mb = dir_mb(registry)  # the one registered version (plus aliases, audit log)
             t["verify_cli"].append(timed([sys.executable, "-m", "moeops", "registry", "verify", name], p,
                                          registry)[0])
             for v in candidates:  # 3. against the champion

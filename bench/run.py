@@ -23,12 +23,12 @@ BENCHES: dict[str, tuple[str, list[str], str, str]] = {
     "inference": ("bench.inference", ["--rounds", "7"], "2 min", "make pipeline's models and exports"),
     "layouts": ("bench.distributed", ["layouts", "--steps", "8", "--repeats", "3"], "15 min", "data/prepared"),
     "same_loss": ("bench.distributed", ["same_loss", "--flavor", "debug", "--steps", "20"], "4 min", "data/prepared"),
-    "compression": ("bench.distributed", ["compression", "--steps", "100"], "14 min", "data/prepared"),
-    "recovery": ("bench.distributed", ["recovery", "--repeats", "3"], "6 min", "data/prepared"),
+    "compression": ("bench.distributed", ["compression", "--steps", "100"], "15 min", "data/prepared"),
+    "recovery": ("bench.distributed", ["recovery", "--repeats", "3"], "8 min", "data/prepared"),
     "memory": ("bench.distributed", ["memory", "--steps", "6", "--repeats", "3"], "3 min", "data/prepared"),
-    "balance": ("bench.balance", ["--steps", "120", "--warmup", "40"], "20 min", "data/prepared"),
-    "gate_registry": ("bench.gate_registry", ["--repeats", "3"], "12 min", "make pipeline's exports and metrics"),
-    "pipeline": ("bench.pipeline", [], "30 min", "a committed checkout (runs `dvc repro` in a fresh clone)"),
+    "balance": ("bench.balance", ["--steps", "120", "--warmup", "40"], "30 min", "data/prepared"),
+    "gate_registry": ("bench.gate_registry", ["--repeats", "3"], "13 min", "make pipeline's exports and metrics"),
+    "pipeline": ("bench.pipeline", [], "32 min", "a committed checkout (runs `dvc repro` in a fresh clone)"),
 }
 DEFAULT = ["train_step", "tokenize"]
 
