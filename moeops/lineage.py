@@ -40,7 +40,7 @@ def dvc_outputs(cwd: str | Path = ".") -> list[str]:
 def git_state(cwd: str | Path = ".") -> tuple[str, str | None]:
     """(HEAD's sha or "unknown", sha256 of the diff of sources and params against HEAD or None
     when there is none). Two git calls."""
-    excludes = [f":(top,glob,exclude){g}" for g in DVC_WRITTEN] + [f":(exclude){p}" for p in dvc_outputs(cwd)]
+    excludes = [f":(top,glob,exclude){g}" for g in DVC_WRITTEN] + [f":(exclude,literal){p}" for p in dvc_outputs(cwd)]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
