@@ -57,13 +57,16 @@ def spread(values, ndigits: int = 4) -> dict | None:
 
 
 def verdict(s: dict | None, target: float, higher_is_better: bool = True) -> str:
-    """"met" only when the worst end of the spread meets the target; "not met" when even the best
-    end misses it; else "not confirmed" (the spread straddles it). A single value is its own spread."""
+    """"met" only when the worst end of a spread of at least 2 repeats meets the target; "not met"
+    when even the best end misses it; else "not confirmed" (the spread straddles the target, or a
+    single value has no spread)."""
     if not s:
         return "not confirmed"
     worst, best = (s["min"], s["max"]) if higher_is_better else (s["max"], s["min"])
     ok = (lambda v: v >= target) if higher_is_better else (lambda v: v <= target)
-    return "met" if ok(worst) else "not met" if not ok(best) else "not confirmed"
+    if not ok(best):
+        return "not met"
+    return "met" if ok(worst) and s["n"] >= 2 else "not confirmed"
 
 
 def save(name: str, module: str, argv: list[str] | None, result: dict) -> Path:

@@ -12,7 +12,7 @@ touched. Per repeat, interleaved:
   1. `python -m stages.gate` with no champion, for the champion variant and every candidate;
   2. `moeops promote --from-gate` of the champion variant into a fresh registry (CLI wall time), and
      `promote_from_gate` in this process into another fresh registry (register + promote + tags,
-     without interpreter start-up);
+     without interpreter start-up and imports: one untimed warm-up call first);
   3. `moeops registry verify` of that version; the gate with the champion for every candidate
      (both models scored, then the paired bootstrap); the gate of the champion's own variant and
      `moeops promote --from-gate` on it (already the champion: nothing registered);
@@ -173,6 +173,8 @@ def run(project: Path, repeats: int, champion: str, candidates: list[str], stric
                     raise SystemExit(f"error: the gate rejected {champion} against no champion: {gate['reasons']}")
             registry = regs / f"cli-{r}"  # 2. register + promote (+ tags) of the champion's gate.json, twice
             t["promote_cli"].append(promote_cli(p, registry)[0])
+            if r == 0:  # untimed: the first call pays this process's imports, which the CLI time shows
+                promote_in_process(p, regs / "warm-up")
             t["promote_in_process"].append(promote_in_process(p, regs / f"inproc-{r}"))
             version_mb = dir_mb(registry)  # the one registered version (plus aliases, audit log)
             t["verify_cli"].append(timed([sys.executable, "-m", "moeops", "registry", "verify", name], p,
