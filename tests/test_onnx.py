@@ -113,3 +113,14 @@ def test_export_of_a_model_that_fails_its_checksum_is_one_line_and_writes_nothin
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "fails its checksum" in proc.stderr, proc.stderr
     assert not (tmp_path / "exports").exists() and not (tmp_path / "metrics/export.json").exists()
+
+
+def test_parity_check_is_sized_to_the_models_context(exported):
+    from stages.export import measure_parity, parity_lengths
+
+    assert parity_lengths(16, 20) == (1, 15)  # distill.seq_len 16: the steps are cut, not the export failed
+    assert parity_lengths(32, 20) == (12, 20) and parity_lengths(64, 20) == (32, 20) and parity_lengths(1, 20) == (1, 0)
+    model, _, lm = exported  # max_seq_len 64
+    parity = measure_parity(model, lm, decode_steps=100)
+    assert (parity["prompt_len"], parity["decode_steps"]) == (1, 63)
+    assert parity["max_abs_diff"] <= ATOL
