@@ -1,7 +1,7 @@
 """Post-training quantization of the exported fp32 ONNX decoder into an int8 and an int4 variant.
 
 int8  every MatMul with a constant weight → dynamic int8 (ONNX Runtime `quantize_dynamic`: int8
-      weights per output channel, uint8 activations quantized per call; ORT fuses the result into
+      weights per output channel in 7 bits (reduce_range), uint8 activations quantized per call; ORT fuses the result into
       DynamicQuantizeMatMul at load time); the token embedding → GatherBlockQuantized (uint8, 8 bits,
       one scale per row); every routed-expert `MoE` → `QMoE` with 8-bit per-channel experts.
 int4  weight-only, block-wise along K: MatMul → MatMulNBits (4 bits, asymmetric: a zero point per
@@ -62,7 +62,10 @@ def quantize_int8(src: str | Path, dst: str | Path) -> dict:
         staged, out = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save_model(model, staged)
         with _quiet_ort_logs():
-            quantize_dynamic(staged, out, op_types_to_quantize=["MatMul"], per_channel=True,
+            # reduce_range: 7-bit weights, so the u8×s8 products cannot saturate the 16-bit
+            # intermediate sums of AVX2 CPUs without VNNI (measured on a debug model: relative logit
+            # error 0.087 → 0.053 there); the artifact is then accurate on every CPU it is served on.
+            quantize_dynamic(staged, out, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
                              weight_type=QuantType.QInt8, nodes_to_exclude=sorted(routers),
                              extra_options={"MatMulConstBOnly": True})
         model = onnx.load(out)
