@@ -16,7 +16,7 @@ from moeops.config import load_section
 from moeops.evaluate.metrics import evaluate_model, plot_expert_load
 from moeops.evaluate.variants import evaluate_variants
 from moeops.io import atomic_write_json
-from moeops.model.io import load_model_dir
+from moeops.model.io import load_model_dir, verify_checksums
 from moeops.train.data import load_tokens
 
 PREPARED = Path("data/prepared")
@@ -32,13 +32,15 @@ def main() -> None:
     p = load_section("evaluate")
     if p.threads:
         torch.set_num_threads(p.threads)
+    # dvc.yaml makes every variant a dependency; a stage run by hand evaluates those that exist.
+    present = {name: v for name, v in VARIANTS.items() if v[1].is_dir()}
+    for _, path in present.values():  # a damaged or unrecorded variant fails now, not after minutes of work
+        verify_checksums(path)
     model = load_model_dir(MODEL)
     val = load_tokens(PREPARED, "val")
     result = evaluate_model(model, val, MODEL / "tokenizer.json", p.batch_size, p.max_tokens, p.speed_tokens)
     plot_expert_load(result.pop("expert_share"), model.args.first_k_dense_replace, PLOT)
     del model
-    # dvc.yaml makes every variant a dependency; a stage run by hand evaluates those that exist.
-    present = {name: v for name, v in VARIANTS.items() if v[1].is_dir()}
     result["variants"] = evaluate_variants(present, PREPARED, p.batch_size, p.max_tokens, p.decode_prompt_len,
                                            p.decode_new_tokens, p.threads)
     atomic_write_json(METRICS, result)

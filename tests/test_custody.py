@@ -259,3 +259,11 @@ def test_repo_defaults_budget_every_variant():
     params = yaml.safe_load((REPO / "params.yaml").read_text())["gate"]
     budgets = GateParams.model_validate(params).max_parity_error
     assert budgets.onnx_fp32 <= 1e-4 < budgets.onnx_int8 <= budgets.onnx_int4
+
+
+def test_evaluate_refuses_a_changed_variant_before_any_work(copy):
+    path = copy / "exports/onnx/int4/model.onnx"
+    path.write_bytes(path.read_bytes()[:-16] + bytes(16))
+    (copy / "metrics/eval.json").unlink()
+    one_line_exit_2(run_stage("evaluate", copy, check=False), "exports/onnx/int4/model.onnx: fails its checksum")
+    assert not (copy / "metrics/eval.json").exists()
