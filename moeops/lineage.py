@@ -10,11 +10,13 @@ they record is in the lineage's input hashes. A dirty commit comes with the sha2
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
 import yaml
 
+from moeops.cli import UserError
 from moeops.io import sha256_file
 
 # Written by DVC itself, in any project.
@@ -69,3 +71,35 @@ def lineage(inputs: list[str | Path], params: dict, stage: str) -> dict:
         "inputs": {str(p): sha256_file(p) for p in sorted(map(Path, inputs)) if Path(p).is_file()},
         "params": params,
     }
+
+
+def recorded_checksums(model_dir: str | Path) -> dict[str, str]:
+    """{file name: sha256} that lineage.json recorded when the directory was written. A directory
+    without one (or with an unreadable one, or one that records nothing) is refused: "nothing to
+    check" would let any bytes through."""
+    path = Path(model_dir) / "lineage.json"
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; a model directory must record its files' sha256 (re-run the stage "
+                        "that wrote it)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    checksums = record.get("checksums") if isinstance(record, dict) else None
+    if not isinstance(checksums, dict) or not checksums:
+        raise UserError(f"{path}: checksums: missing or empty; re-run the stage that wrote {path.parent}")
+    for name, sha in checksums.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not (isinstance(sha, str) and len(sha) == 64):
+            raise UserError(f"{path}: checksums: {name!r}: {sha!r} is not a file of the directory and its sha256")
+    return checksums
+
+
+def verify_checksums(model_dir: str | Path) -> None:
+    """Compare each file with the sha256 its lineage.json recorded when it was written (see
+    recorded_checksums: no lineage.json is an error)."""
+    model_dir = Path(model_dir)
+    for name, expected in sorted(recorded_checksums(model_dir).items()):
+        actual = sha256_file(model_dir / name) if (model_dir / name).is_file() else "missing"
+        if actual != expected:
+            raise UserError(f"{model_dir / name}: fails its checksum (sha256 {actual}, lineage.json records "
+                            f"{expected}); the file was changed or damaged after it was written")

@@ -35,8 +35,7 @@ from moeops.evaluate.gate import (
 )
 from moeops.export.triton import read_io
 from moeops.io import atomic_write_json, atomic_write_text
-from moeops.lineage import lineage
-from moeops.model.io import recorded_checksums, verify_checksums
+from moeops.lineage import lineage, recorded_checksums, verify_checksums
 from moeops.registry.promotion import registry_location
 
 PREPARED = Path("data/prepared")

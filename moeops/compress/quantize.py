@@ -1,9 +1,10 @@
 """Post-training quantization of the exported fp32 ONNX decoder into an int8 and an int4 variant.
 
 int8  every MatMul with a constant weight → dynamic int8 (ONNX Runtime `quantize_dynamic`: int8
-      weights per output channel in 7 bits (reduce_range), uint8 activations quantized per call; ORT fuses the result into
-      DynamicQuantizeMatMul at load time); the token embedding → GatherBlockQuantized (uint8, 8 bits,
-      one scale per row); every routed-expert `MoE` → `QMoE` with 8-bit per-channel experts.
+      weights per output channel in 7 bits (reduce_range), uint8 activations quantized per call; ORT
+      fuses the result into DynamicQuantizeMatMul at load time); the token embedding →
+      GatherBlockQuantized (uint8, 8 bits, one scale per row); every routed-expert `MoE` → `QMoE`
+      with 8-bit per-channel experts.
 int4  weight-only, block-wise along K: MatMul → MatMulNBits (4 bits, asymmetric: a zero point per
       block, `block_size`, `accuracy_level`), embedding → GatherBlockQuantized (4 bits, symmetric),
       `MoE` → `QMoE` with 4-bit symmetric block-wise experts.

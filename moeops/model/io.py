@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from moeops.cli import UserError
 from moeops.config import load_model_args, save_model_args
 from moeops.io import replace_dir, sha256_file
+from moeops.lineage import verify_checksums
 from moeops.model.transformer import Transformer
 
 
@@ -29,38 +30,6 @@ def save_model_dir(out_dir: str | Path, model: Transformer, tokenizer_path: str 
     checksums = {name: sha256_file(tmp / name) for name in ("model.safetensors", "config.json", "tokenizer.json")}
     (tmp / "lineage.json").write_text(json.dumps({**lineage, "checksums": checksums}, indent=2, sort_keys=True) + "\n")
     replace_dir(tmp, out_dir)
-
-
-def recorded_checksums(model_dir: str | Path) -> dict[str, str]:
-    """{file name: sha256} that lineage.json recorded when the directory was written. A directory
-    without one (or with an unreadable one, or one that records nothing) is refused: "nothing to
-    check" would let any bytes through."""
-    path = Path(model_dir) / "lineage.json"
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; a model directory must record its files' sha256 (re-run the stage "
-                        "that wrote it)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    checksums = record.get("checksums") if isinstance(record, dict) else None
-    if not isinstance(checksums, dict) or not checksums:
-        raise UserError(f"{path}: checksums: missing or empty; re-run the stage that wrote {path.parent}")
-    for name, sha in checksums.items():
-        if Path(name).is_absolute() or ".." in Path(name).parts or not (isinstance(sha, str) and len(sha) == 64):
-            raise UserError(f"{path}: checksums: {name!r}: {sha!r} is not a file of the directory and its sha256")
-    return checksums
-
-
-def verify_checksums(model_dir: str | Path) -> None:
-    """Compare each file with the sha256 its lineage.json recorded when it was written (see
-    recorded_checksums: no lineage.json is an error)."""
-    model_dir = Path(model_dir)
-    for name, expected in sorted(recorded_checksums(model_dir).items()):
-        actual = sha256_file(model_dir / name) if (model_dir / name).is_file() else "missing"
-        if actual != expected:
-            raise UserError(f"{model_dir / name}: fails its checksum (sha256 {actual}, lineage.json records "
-                            f"{expected}); the file was changed or damaged after it was written")
 
 
 def load_tokenizer(path: str | Path):

@@ -104,7 +104,7 @@ def export_checksums(repo: Path) -> tuple[dict[str, str], dict[str, str]]:
     """({registered relpath: sha256 its producing stage recorded}, {registered lineage.json: sha256 of the bytes
     read}) for every model directory, after verify_checksums has checked the directory. The second pins the
     lineage.json files, so the recorded hashes are those of the lineage.json that gets registered."""
-    from moeops.model.io import verify_checksums
+    from moeops.lineage import verify_checksums
 
     recorded, pinned = {}, {}
     for dst in MODEL_DIRS:
