@@ -129,6 +129,39 @@ def prepared_project(tmp_path_factory) -> Path:
     return project
 
 
+@pytest.fixture(scope="session")
+def exported_project(prepared_project, tmp_path_factory) -> Path:
+    """The prepared project + a seeded, untrained debug teacher and student (the student's context is
+    16 tokens, as `distill.seq_len: 16` makes it: shorter than the export parity check's default 20
+    decode steps; routers scaled so routing depends on the token, as in a trained model) → the real
+    quantize, export and evaluate stages. Shared by the custody and gate-vs-champion tests: copy it
+    before changing anything."""
+    import json
+
+    import torch
+
+    from moeops.config import make_model_args
+    from moeops.model.io import save_model_dir
+    from moeops.model.transformer import build_model
+
+    project = tmp_path_factory.mktemp("exported") / "project"
+    shutil.copytree(prepared_project, project)
+    tok = project / "data/prepared/tokenizer.json"
+    vocab = json.loads((project / "data/prepared/meta.json").read_text())["vocab_size"]
+    for name, seq_len in (("teacher", 64), ("student", 16)):
+        model = build_model(make_model_args("debug", {"vocab_size": vocab, "max_seq_len": seq_len}), seed=3).eval()
+        with torch.no_grad():
+            for moe in model.moe_layers():
+                moe.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+        save_model_dir(project / "models" / name, model, tok, {"stage": "test", "seed": 3})
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["evaluate"].update(max_tokens=256, speed_tokens=64, decode_prompt_len=4, decode_new_tokens=2)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("quantize", "export", "evaluate"):
+        run_stage(stage, project)
+    return project
+
+
 @pytest.fixture
 def project(prepared_project, tmp_path) -> Path:
     """A fresh copy of the prepared project for one test."""

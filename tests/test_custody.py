@@ -1,8 +1,8 @@
 """Chain of custody (issue 10 §1, §3): the gate judges exactly the bytes the export recorded, its parity
 and latency figures are the candidate's own, and a damaged or inconsistent model is one line, exit 2,
 nothing written. One debug pipeline (quantize → export → evaluate over a student whose context is 16
-tokens, shorter than the parity check's default 20 decode steps) is built once; each test damages a
-copy of it and runs the real stage."""
+tokens, shorter than the parity check's default 20 decode steps) is built once per session
+(conftest); each test damages a copy of it and runs the real stage."""
 
 from __future__ import annotations
 
@@ -19,28 +19,18 @@ import yaml
 from conftest import REPO, run_stage, stage_env
 
 from moeops.cli import UserError
-from moeops.config import GateParams, make_model_args
+from moeops.config import GateParams
 from moeops.io import sha256_file
-from moeops.model.io import save_model_dir, verify_checksums
-from moeops.model.transformer import build_model
+from moeops.model.io import verify_checksums
 
 INT8 = Path("exports/onnx/int8")
 
 
 @pytest.fixture(scope="module")
-def pipeline(prepared_project, tmp_path_factory) -> Path:
-    """prepared data + a teacher and a student (random debug weights; the student's max_seq_len is 16,
-    as `distill.seq_len: 16` makes it) → quantize, export (default parity_decode_steps 20), evaluate."""
-    project = tmp_path_factory.mktemp("custody") / "project"
-    shutil.copytree(prepared_project, project)
-    tok = project / "data/prepared/tokenizer.json"
-    vocab = json.loads((project / "data/prepared/meta.json").read_text()).get("vocab_size", 384)
-    for name, seq_len in (("teacher", 64), ("student", 16)):
-        model = build_model(make_model_args("debug", {"vocab_size": vocab, "max_seq_len": seq_len}), seed=0)
-        save_model_dir(project / "models" / name, model, tok, {"stage": "test"})
-    for stage in ("quantize", "export", "evaluate"):
-        run_stage(stage, project)
-    return project
+def pipeline(exported_project) -> Path:
+    """conftest's exported_project: a 16-token student through quantize, export (default
+    parity_decode_steps 20) and evaluate."""
+    return exported_project
 
 
 @pytest.fixture

@@ -15,14 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.stats
-import torch
 import yaml
 from conftest import run_stage
 
-from moeops.config import load_model_args, make_model_args
+from moeops.config import load_model_args
 from moeops.evaluate.gate import document_bits, paired_bootstrap, val_documents
-from moeops.model.io import save_model_dir
-from moeops.model.transformer import build_model
 from moeops.registry import champion, resolve
 from moeops.registry.promotion import promote_from_gate
 
@@ -44,25 +41,14 @@ def gate_json(project: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def judged(prepared_project, tmp_path_factory):
+def judged(exported_project, tmp_path_factory):
     """A project whose registry's champion v1 is the int8 export, and a gate.json of the int4
     export judged against it."""
     project = tmp_path_factory.mktemp("champion") / "project"
-    shutil.copytree(prepared_project, project)
-    vocab = json.loads((project / "data/prepared/meta.json").read_text())["vocab_size"]
-    args = make_model_args("debug", {"vocab_size": vocab, "max_seq_len": 64})
-    model = build_model(args, seed=3).eval()
-    with torch.no_grad():  # routing that depends on the token, as in a trained model
-        for moe in model.moe_layers():
-            moe.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
-    tokenizer = project / "data/prepared/tokenizer.json"
-    for name in ("teacher", "student"):
-        save_model_dir(project / "models" / name, model, tokenizer, {"stage": "test", "seed": 3})
-    set_params(project, registry={"root": "reg", "name": "lm", "gto_tags": "off"}, gate=LOOSE,
-               evaluate={"max_tokens": 256, "speed_tokens": 64, "decode_prompt_len": 4, "decode_new_tokens": 2})
+    shutil.copytree(exported_project, project)  # a student through quantize, export and evaluate
+    set_params(project, registry={"root": "reg", "name": "lm", "gto_tags": "off"}, gate=LOOSE)
     (project / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # registered with the version
-    for stage in ("quantize", "export", "evaluate", "gate"):
-        run_stage(stage, project)
+    run_stage("gate", project)
     first = gate_json(project)
     assert first["decision"] == "promote" and first["champion"] is None
     promoted = promote_from_gate(Path("metrics/gate.json"), project)
