@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import contextvars
 import io
-import json
 import logging
 import os
 import re
@@ -42,6 +41,7 @@ from prefect.exceptions import MissingContextError
 
 from moeops.cli import UserError
 from moeops.config import load_section
+from moeops.io import read_json_object
 
 KILL_GRACE_S = 10.0  # between SIGTERM and SIGKILL of a stage's process group
 TAIL_LINES = 200  # output lines kept to explain a failure
@@ -178,15 +178,7 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def read_metrics(path: Path) -> dict[str, Any]:
     """The JSON object in `path`, {} when there is no such file."""
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path) or {}
 
 
 @task(name="publish_metrics", cache_policy=NO_CACHE)

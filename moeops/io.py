@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from moeops.cli import UserError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -125,3 +127,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object in `path`; None when there is no such file; a one-line UserError when the file
+    is not valid JSON or holds something other than an object."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); re-run the stage that writes it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object ({type(data).__name__}); re-run the stage that writes it")
+    return data

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-from moeops.cli import UserError, run_main
+from moeops.cli import run_main
+from moeops.io import read_json_object
 
 
 def read(path: str) -> dict:
     """A metrics file as a dict; {} when absent; a one-line error when it is not a JSON object."""
-    p = Path(path)
-    if not p.is_file():
-        return {}
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{p}: not valid JSON ({e}); re-run the stage that writes it") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{p}: not a JSON object ({type(data).__name__}); re-run the stage that writes it")
-    return data
+    return read_json_object(path) or {}
 
 
 def variants_table(variants: dict[str, dict]) -> str:

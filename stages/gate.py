@@ -16,7 +16,6 @@ nothing written."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from moeops.evaluate.gate import (
     val_documents,
 )
 from moeops.export.triton import read_io
-from moeops.io import atomic_write_json, atomic_write_text
+from moeops.io import atomic_write_json, atomic_write_text, read_json_object
 from moeops.lineage import lineage, recorded_checksums, verify_checksums
 from moeops.registry.promotion import registry_location
 
@@ -46,12 +45,9 @@ REPORT = Path("reports/gate.md")
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read ({e}); run the stages before the gate") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a JSON object ({type(data).__name__}); re-run the stage that writes it")
+    data = read_json_object(path)
+    if data is None:
+        raise UserError(f"{path}: missing; run the stages before the gate")
     return data
 
 
