@@ -26,17 +26,10 @@ from moeops.model.io import verify_checksums
 INT8 = Path("exports/onnx/int8")
 
 
-@pytest.fixture(scope="module")
-def pipeline(exported_project) -> Path:
-    """conftest's exported_project: a 16-token student through quantize, export (default
-    parity_decode_steps 20) and evaluate."""
-    return exported_project
-
-
 @pytest.fixture
-def copy(pipeline, tmp_path) -> Path:
+def copy(exported_project, tmp_path) -> Path:
     dst = tmp_path / "project"
-    shutil.copytree(pipeline, dst)
+    shutil.copytree(exported_project, dst)
     return dst
 
 
@@ -71,7 +64,8 @@ def rerecord(model_dir: Path, name: str) -> None:
 # ----------------------------------------------------------------- the happy path, and what it records
 
 
-def test_export_fits_parity_to_a_short_context_and_measures_every_variant(pipeline):
+def test_export_fits_parity_to_a_short_context_and_measures_every_variant(exported_project):
+    pipeline = exported_project  # conftest: a 16-token student, export's default parity_decode_steps 20
     ex = json.loads((pipeline / "metrics/export.json").read_text())
     assert ex["parity_decode_steps"] == 20
     assert set(ex["parity"]) == {"onnx_fp32", "onnx_int8", "onnx_int4"}
