@@ -168,3 +168,120 @@ def project(prepared_project, tmp_path) -> Path:
     dst = tmp_path / "project"
     shutil.copytree(prepared_project, dst)
     return dst
+
+
+# ----------------------------------------------------------------- serving (moeops/serve)
+
+SERVE_CONTEXT = 128  # the served test models' max_seq_len
+
+
+def build_served_version(project: Path, out: Path, seed: int) -> Path:
+    """A seeded, untrained debug model (context SERVE_CONTEXT, the prepared tokenizer) exported and
+    quantized to int8 as the quantize stage does: out/onnx/int8/{model.onnx, config.json, tokenizer.json,
+    lineage.json with checksums}. Routers scaled so routing depends on the token."""
+    import json
+
+    import torch
+
+    from moeops.compress.quantize import quantize_int8
+    from moeops.config import make_model_args
+    from moeops.export.onnx import export_onnx
+    from moeops.model.io import save_model_dir
+    from moeops.model.transformer import build_model
+    from stages.quantize import describe
+
+    tok = project / "data/prepared/tokenizer.json"
+    vocab = json.loads((project / "data/prepared/meta.json").read_text())["vocab_size"]
+    model = build_model(make_model_args("debug", {"vocab_size": vocab, "max_seq_len": SERVE_CONTEXT}), seed=seed)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed + 1))
+    model.eval()
+    save_model_dir(out / "model", model, tok, {"stage": "test", "seed": seed})
+    export_onnx(model, out / "fp32.onnx")
+    variant = out / "onnx/int8"
+    variant.mkdir(parents=True)
+    quantize_int8(out / "fp32.onnx", variant / "model.onnx")
+    describe(variant, out / "model", {"stage": "test", "seed": seed, "variant": "int8"})
+    return variant
+
+
+@pytest.fixture(scope="session")
+def served_registry(prepared_project, tmp_path_factory) -> dict:
+    """A filesystem registry with two versions of model `moeops`: v1 (seed 3) the champion, v2 (seed 5)
+    registered beside it (the challenger). {root, name, versions: {v1: model dir, v2: ...}, tokenizer}."""
+    from moeops.registry import promote, register
+
+    base = tmp_path_factory.mktemp("served")
+    root, name = base / "registry", "moeops"
+    tok = prepared_project / "data/prepared/tokenizer.json"
+    versions = {}
+    for seed in (3, 5):
+        variant = build_served_version(prepared_project, base / f"seed{seed}", seed)
+        version = register(root, name, {"onnx/int8": variant, "tokenizer.json": tok},
+                           {"test_seed": seed}, {"candidate": "onnx_int8"}, f"test model seed {seed}")
+        versions[version] = variant
+    promote(root, name, "v1", "test champion")
+    return {"root": root, "name": name, "versions": versions, "tokenizer": tok}
+
+
+def serve_params(path: Path, **serve) -> Path:
+    """A params.yaml with the repository's sections and `serve:` overridden for tests (small batch, short
+    intervals)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["serve"] = {**params.get("serve", {}), "max_batch": 8, "max_waiting": 32, "threads": 1,
+                       "watch_interval_s": 0.2, "drain_timeout_s": 10.0, **serve}
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def start_server(registry: dict, workdir: Path, port: int | None = None, alias: str = "champion",
+                 **serve) -> tuple[subprocess.Popen, str]:
+    """`moeops serve` as a real process on loopback; returns (process, base URL) once /health/ready says 200.
+    The caller stops it (stop_server)."""
+    import time
+    import urllib.request
+
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    params = serve_params(workdir / "params.yaml", **serve)
+    log = open(workdir / "server.log", "ab")  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen([sys.executable, "-m", "moeops", "serve", "--params", str(params),
+                             "--registry", str(registry["root"]), "--model", registry["name"], "--alias", alias,
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=stage_env())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}:\n{(workdir / 'server.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server not ready in 120 s:\n{(workdir / 'server.log').read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    """SIGTERM (drain), then wait; returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(served_registry, tmp_path_factory) -> str:
+    """One `moeops serve` process for the session, serving the test registry's champion (v1); its base URL.
+    Tests that restart, drain or hot-reload a server start their own (start_server)."""
+    proc, url = start_server(served_registry, tmp_path_factory.mktemp("server"))
+    yield url
+    stop_server(proc)

@@ -1,4 +1,4 @@
-"""ONNX export of the decoder with its MLA KV cache, and an ONNX Runtime runner.
+"""ONNX export of the decoder with its MLA KV cache (the runner, torch-free, is moeops.ort).
 
 Graph IO (L layers, C kv_lora_rank, R qk_rope_head_dim, V vocab; batch, seq, past dynamic):
   inputs   input_ids [B, S] int64, attention_mask [B, P+S] int64 (0 = left padding),
@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxscript
 import torch
@@ -26,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.routing import route
-from moeops.cli import UserError
 from moeops.io import atomic_write_bytes
 from moeops.model.moe import MoE
 from moeops.model.transformer import Transformer
+from moeops.ort import OnnxLM, first_line, io_names, make_session, ort_errors  # noqa: F401 (re-exported)
 
 NOT_CHOSEN = -1e9  # router "log-probability" of an expert the token did not pick
 
@@ -123,15 +122,6 @@ class CachedDecoder(nn.Module):
         return (logits, *[t for pair in present for t in pair])
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask"]
-    outputs = ["logits"]
-    for i in range(n_layers):
-        inputs += [f"past_latent.{i}", f"past_rope.{i}"]
-        outputs += [f"present_latent.{i}", f"present_rope.{i}"]
-    return inputs, outputs
-
-
 def export_onnx(model: Transformer, path: str | Path) -> None:
     """Export with the torch.onnx dynamo exporter; onnx.checker-clean; written atomically."""
     a = model.args
@@ -152,71 +142,3 @@ def export_onnx(model: Transformer, path: str | Path) -> None:
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
     atomic_write_bytes(path, proto.SerializeToString())
-
-
-# ----------------------------------------------------------------- running it
-
-
-def ort_errors() -> tuple[type[Exception], ...]:
-    """ONNX Runtime's exceptions for a model it cannot load or run (pybind11 classes deriving from
-    Exception, not from RuntimeError)."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as st
-
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
-             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail", "NotFound")
-    return tuple(getattr(st, n) for n in names if hasattr(st, n))
-
-
-def first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def make_session(path: str | Path, threads: int = 0):
-    """An ONNX Runtime CPU session; a file that is not a loadable ONNX model (corrupted, truncated,
-    another format, an invalid graph) is a one-line UserError naming it."""
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: missing")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except ort_errors() as e:
-        raise UserError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {first_line(e)})") from None
-
-
-class OnnxLM:
-    """An exported decoder in ONNX Runtime; `step` is a moeops.model.generate Step."""
-
-    def __init__(self, path: str | Path, threads: int = 0):
-        self.path = Path(path)
-        self.session = make_session(path, threads)
-        shape = {i.name: i.shape for i in self.session.get_inputs()}
-        self.n_layers = sum(n.startswith("past_latent.") for n in shape)
-        self.input_names, self.output_names = io_names(self.n_layers)
-        outputs = {o.name for o in self.session.get_outputs()}
-        if not self.n_layers or set(self.input_names) != set(shape) or not set(self.output_names) <= outputs:
-            raise UserError(f"{self.path}: not a moeops decoder (inputs {sorted(shape)}; expected input_ids, "
-                            "attention_mask, past_latent.<i>, past_rope.<i>)")
-        self.latent_dim = shape["past_latent.0"][2]
-        self.rope_dim = shape["past_rope.0"][2]
-
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
-        out = []
-        for _ in range(self.n_layers):
-            out += [np.zeros((batch, 0, self.latent_dim), np.float32), np.zeros((batch, 0, self.rope_dim), np.float32)]
-        return out
-
-    def step(self, ids_BS: np.ndarray, mask_BT: np.ndarray, past) -> tuple[np.ndarray, list[np.ndarray]]:
-        past = self.empty_cache(ids_BS.shape[0]) if past is None else past
-        feed = dict(zip(self.input_names, [ids_BS.astype(np.int64), mask_BT.astype(np.int64), *past]))
-        try:
-            logits, *present = self.session.run(self.output_names, feed)
-        except ort_errors() as e:
-            raise UserError(f"{self.path}: ONNX Runtime cannot run it ({type(e).__name__}: {first_line(e)})") \
-                from None
-        return logits, present
