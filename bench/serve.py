@@ -376,6 +376,7 @@ def first_vs_steady(url: str, req: Req, steady: int) -> dict:
 
     async def go() -> list[Outcome]:
         async with client(2) as c:
+            await c.get(url + "/health/live")  # the TCP connect is not the first request's cost
             return [await send(c, url, req) for _ in range(1 + steady)]
 
     outcomes = asyncio.run(go())
@@ -552,8 +553,7 @@ def run(project: Path, quick: bool, only: list[str], repeats: int | None, rate: 
         "project": str(project.resolve()), "quick": quick, "only": only, "repeats": size["repeats"], "sizes": size,
         "model": model_info(project, version, sha256),
         "serve": SERVE, "slo": SLO, "sustained_rate_requests_per_s": rate,
-        "rates": {"max_batch_1": [rate, "inf"], "continuous": [rate, 2 * rate, 4 * rate, "inf"] if rate else ["inf"],
-                  "static": ["inf"], "transformers": ["inf"]},
+        "rates": {config: sorted(labels) for config, labels in runs.items()},
         "workload": {"saturation": workload(sat), "at_rate": workload(at_rate), "hf_set": workload(hf_reqs),
                      "soak": {**workload(soak_reqs), "concurrency": SOAK_CONCURRENCY},
                      "startup_probe": {"prompt_tokens": probe.prompt_tokens, "max_tokens": probe.max_tokens,
