@@ -1,0 +1,443 @@
+"""The serving image and the Kubernetes manifests (deploy/docker, deploy/k8s), checked offline.
+
+Every manifest is valid for the Kubernetes API it targets: built-in kinds against the OpenAPI schema that
+kubernetes-validate bundles (strict: unknown fields are errors, as `kubectl apply` treats them by default), custom
+resources (ServiceMonitor, KEDA ScaledObject) against their CRDs' published schemas vendored in tests/schemas/,
+made strict the same way; a broken copy fails. The kustomizations render (`kubectl kustomize`, when kubectl is
+installed) into objects that validate too. Then what a schema cannot see: the probes hit routes the server has, on
+the port it listens on; the grace period outlasts preStop + drain; the autoscaler's metrics are gauges the server
+exports; the image installs no torch, with the lock's versions, and ships what it copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "deploy" / "k8s"
+DOCKER = REPO / "deploy" / "docker"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+K8S_VERSION = "1.30"  # the oldest Kubernetes these manifests promise to work on
+NOT_MANIFESTS = {"kustomization.yaml", "params.yaml"}
+MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name not in NOT_MANIFESTS)
+KUSTOMIZATIONS = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
+
+
+def load_docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[dict]:
+    """Every object in every manifest file (not rendered)."""
+    return [d for p in MANIFESTS for d in load_docs(p.read_text())]
+
+
+# --- schema validation --------------------------------------------------------------------------------------------
+
+def _strict(schema: dict) -> dict:
+    """A structural CRD schema as the API server applies it with field validation Strict: an object that lists its
+    properties (and does not preserve unknown fields) admits no others. The vendored files stay as published."""
+    schema = dict(schema)
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        schema["additionalProperties"] = False
+    for key in ("properties", "patternProperties"):
+        if key in schema:
+            schema[key] = {k: _strict(v) for k, v in schema[key].items()}
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), dict):
+            schema[key] = _strict(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in schema:
+            schema[key] = [_strict(s) for s in schema[key]]
+    return schema
+
+
+def _crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
+    validators = {}
+    for path in sorted(SCHEMAS.glob("*.json")):
+        schema = json.loads(path.read_text())
+        (gvk,) = schema["x-kubernetes-group-version-kind"]
+        strict = _strict(schema)
+        jsonschema.Draft202012Validator.check_schema(strict)
+        validators[f"{gvk['group']}/{gvk['version']}", gvk["kind"]] = jsonschema.Draft202012Validator(strict)
+    return validators
+
+
+CRDS = _crd_validators()
+
+
+def validation_error(doc: dict) -> str | None:
+    """None if `doc` is a valid object of its apiVersion/kind; else the first error, one line."""
+    crd = CRDS.get((doc.get("apiVersion"), doc.get("kind")))
+    if crd is not None:
+        error = jsonschema.exceptions.best_match(crd.iter_errors(doc))
+        if error is not None:
+            return f"{'.'.join(map(str, error.absolute_path)) or '<root>'}: {error.message[:200]}"
+        # a CRD's schema leaves metadata to the API server: check it as the ObjectMeta of a built-in kind
+        doc = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc.get("metadata")}
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:200]}"
+    except kubernetes_validate.SchemaNotFoundError as e:
+        return f"no schema: {e.message}"  # a kind nobody checks is a failure, not a pass
+    return None
+
+
+def test_crd_schemas_are_the_vendored_ones():
+    assert set(CRDS) == {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
+    for path in SCHEMAS.glob("*.json"):
+        assert "github.com/" in json.loads(path.read_text())["$comment"], path  # names its source
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(K8S)))
+def test_manifest_is_valid(path):
+    objects = load_docs(path.read_text())
+    assert objects, f"{path}: no objects"
+    for doc in objects:
+        assert validation_error(doc) is None, f"{path.name} {doc.get('kind')}: {validation_error(doc)}"
+
+
+def _render(directory: Path) -> list[dict]:
+    out = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return load_docs(out.stdout)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_kustomization_renders_valid_objects(directory):
+    objects = _render(directory)
+    for doc in objects:
+        assert validation_error(doc) is None, f"{doc['kind']}/{doc['metadata']['name']}: {validation_error(doc)}"
+    kinds = sorted(d["kind"] for d in objects)
+    app = ["ConfigMap", "Deployment", "Namespace", "PersistentVolumeClaim", "PodDisruptionBudget", "Service",
+           "ServiceMonitor"]
+    expected = {"k8s": sorted([*app, "HorizontalPodAutoscaler"]), "base": app,
+                "keda": sorted([*app, "ScaledObject"]), "prometheus-adapter": ["ConfigMap"]}
+    assert kinds == expected[directory.name], kinds
+    # the generated params ConfigMap (name + content hash) is the one the pods mount
+    if "Deployment" in kinds:
+        volumes = by_kind(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+        (params,) = [v["configMap"]["name"] for v in volumes if "configMap" in v]
+        assert params == by_kind(objects, "ConfigMap")["metadata"]["name"]
+        assert params.startswith("moeops-serve-params-")
+
+
+def test_every_manifest_is_deployed_by_a_kustomization():
+    listed = set()
+    for directory in KUSTOMIZATIONS:
+        k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+        for name in k.get("resources", []):
+            assert (directory / name).exists(), f"{directory}/kustomization.yaml: {name} does not exist"
+            listed.add((directory / name).resolve())
+        for gen in k.get("configMapGenerator", []):
+            listed.update((directory / f).resolve() for f in gen.get("files", []))
+    orphans = [p for p in MANIFESTS if p.resolve() not in listed and p.parent.name != "tools"]
+    assert orphans == []
+
+
+# a broken copy must fail: (file, kind, breakage, where the error is)
+def _set(path: str, value):
+    def breakage(doc):
+        *parents, last = path.split(".")
+        node = doc
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[last if not last.isdigit() else int(last)] = value
+    return breakage
+
+
+def _rename(path: str, new: str):
+    def breakage(doc):
+        *parents, last = path.split(".")
+        node = doc
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[new] = node.pop(last)
+    return breakage
+
+
+def _delete(path: str):
+    def breakage(doc):
+        *parents, last = path.split(".")
+        node = doc
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        del node[last]
+    return breakage
+
+
+CONTAINER = "spec.template.spec.containers.0"
+BREAKAGES = [
+    ("base/deployment.yaml", _set(f"{CONTAINER}.ports.0.containerPort", "8000"), "containerPort"),
+    ("base/deployment.yaml", _rename(f"{CONTAINER}.livenessProbe", "livenesProbe"), "livenesProbe"),
+    ("base/deployment.yaml", _delete(f"{CONTAINER}.name"), "'name' is a required property"),
+    ("base/deployment.yaml", _set("spec.template.spec.terminationGracePeriodSeconds", "45s"),
+     "terminationGracePeriodSeconds"),
+    ("base/deployment.yaml", _set("metadata.labelz", {}), "labelz"),
+    ("hpa.yaml", _set("spec.minReplicas", "two"), "minReplicas"),
+    ("hpa.yaml", _delete("spec.scaleTargetRef"), "'scaleTargetRef' is a required property"),
+    ("base/pdb.yaml", _rename("spec.maxUnavailable", "maxUnavailible"), "maxUnavailible"),
+    ("base/service.yaml", _set("spec.ports.0.port", "eighty"), "port"),
+    ("base/servicemonitor.yaml", _set("spec.endpoints", "http"), "endpoints"),
+    ("base/servicemonitor.yaml", _rename("spec.endpoints", "endpoint"), "endpoint"),
+    ("base/servicemonitor.yaml", _delete("spec.selector"), "'selector' is a required property"),
+    ("base/servicemonitor.yaml", _set("spec.endpoints.0.interval", "15 seconds"), "interval"),
+    ("base/servicemonitor.yaml", _set("metadata.name", 7), "name"),
+    ("keda/scaledobject.yaml", _delete("spec.scaleTargetRef"), "'scaleTargetRef' is a required property"),
+    ("keda/scaledobject.yaml", _set("spec.minReplicaCount", "2"), "minReplicaCount"),
+    ("keda/scaledobject.yaml", _rename("spec.triggers", "trigger"), "trigger"),
+]
+
+
+@pytest.mark.parametrize("file, breakage, where", BREAKAGES,
+                         ids=[f"{f}-{w.split()[0]}" for f, _, w in BREAKAGES])
+def test_a_broken_copy_fails_validation(file, breakage, where):
+    (doc,) = load_docs((K8S / file).read_text())
+    assert validation_error(doc) is None
+    broken = copy.deepcopy(doc)
+    breakage(broken)
+    error = validation_error(broken)
+    assert error is not None, f"{file}: {breakage} passed"
+    assert where in error, error
+
+
+# --- the manifests against the server -------------------------------------------------------------------------------
+
+def _args(args: list[str]) -> dict[str, str]:
+    """`--flag value` pairs of a command line (the server's flags all take a value)."""
+    flags = {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            flags[arg] = args[i + 1]
+    return flags
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    lines = [ln for ln in (DOCKER / "Dockerfile").read_text().splitlines() if not ln.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in text.splitlines() if ln.strip()]
+
+
+def _final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    last_from = max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM")
+    return instructions[last_from:]
+
+
+@pytest.fixture(scope="module")
+def container(docs) -> dict:
+    (c,) = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+@pytest.fixture(scope="module")
+def get_routes() -> set[str]:
+    from moeops.serve.app import create_app
+    from moeops.serve.router import Router
+
+    app = create_app(Router("moeops"), max_prompt_tokens=127, max_new_tokens=16)
+    return {r.path for r in app.routes if "GET" in (getattr(r, "methods", None) or ())}
+
+
+def test_probes_hit_the_servers_routes_and_port(docs, container, get_routes):
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000}
+    probes = {k: container[k]["httpGet"] for k in ("livenessProbe", "readinessProbe", "startupProbe")}
+    assert probes["livenessProbe"]["path"] == "/health/live"
+    assert probes["readinessProbe"]["path"] == "/health/ready"
+    for name, probe in probes.items():
+        assert probe["path"] in get_routes, f"{name}: {probe['path']} is not a GET route of the app"
+        assert ports.get(probe["port"], probe["port"]) == 8000, name
+    # the server listens where the probes knock
+    command = container["command"] + container["args"]
+    assert command[:2] == ["moeops", "serve"]
+    flags = _args(command)
+    assert int(flags["--port"]) == 8000 and flags["--host"] == "0.0.0.0"
+    params = yaml.safe_load((K8S / "base" / "params.yaml").read_text())
+    assert params["serve"]["port"] == 8000 and params["serve"]["host"] == "0.0.0.0"
+    # the Service and the ServiceMonitor reach that port, and /metrics is served
+    service = by_kind(docs, "Service")
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] in ports and service["spec"]["selector"].items() <= \
+        by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
+    (endpoint,) = by_kind(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["port"] == service_port["name"] and endpoint["path"] in get_routes
+    # the image: same port, its healthcheck on a route
+    final = _final_stage(_dockerfile())
+    (entrypoint,) = [json.loads(a) for ins, a in final if ins == "ENTRYPOINT"]
+    assert entrypoint[:2] == ["moeops", "serve"] and int(_args(entrypoint)["--port"]) == 8000
+    assert ("EXPOSE", "8000") in final
+    (healthcheck,) = [a for ins, a in final if ins == "HEALTHCHECK"]
+    url = re.search(r"http://127\.0\.0\.1:(\d+)(/[\w/]+)", healthcheck)
+    assert int(url[1]) == 8000 and url[2] == "/health/live" and url[2] in get_routes
+
+
+def test_probes_see_live_before_ready():
+    """What the probes rely on: live at once, ready only once a model is loaded (startupProbe waits for it)."""
+    from starlette.testclient import TestClient
+
+    from moeops.serve.app import create_app
+    from moeops.serve.router import Router
+
+    client = TestClient(create_app(Router("moeops"), max_prompt_tokens=127, max_new_tokens=16))
+    assert client.get("/health/live").status_code == 200
+    assert client.get("/health/ready").status_code == 503
+
+
+def test_grace_period_outlasts_prestop_and_drain(docs, container):
+    from moeops.config import load_section
+
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep" and len(sleep) == 2
+    for params in (REPO / "params.yaml", K8S / "base" / "params.yaml"):
+        drain = load_section("serve", params).drain_timeout_s
+        assert pod["terminationGracePeriodSeconds"] > float(sleep[1]) + drain, params
+
+
+def test_pod_params_fit_the_pod(container):
+    """deploy/k8s/base/params.yaml is valid params for the server and matches the pod it runs in."""
+    from moeops.config import load_section
+
+    path = K8S / "base" / "params.yaml"
+    serve, registry = load_section("serve", path), load_section("registry", path)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    flags = _args(container["args"])
+    assert flags["--params"] == "/etc/moeops/params.yaml" and "/etc/moeops" in mounts
+    assert flags["--registry"] == registry.root and registry.root.startswith("/models/")
+    assert mounts["/models"]["readOnly"] is True  # the server only reads the registry
+    assert flags["--model"] == registry.name
+    # the root filesystem is read-only: the graph cache must sit on a writable mount
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    (cache_mount,) = [m for m in mounts if Path(serve.cache_dir).is_relative_to(m)]
+    assert not mounts[cache_mount].get("readOnly", False)
+    # ONNX Runtime's threads = the CPUs the pod may use; Guaranteed QoS
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"]
+    assert serve.threads == int(resources["limits"]["cpu"])
+
+
+def test_autoscaling_reads_gauges_the_server_exports(docs):
+    from moeops.serve import metrics
+
+    gauges = {m.name: m for g in (metrics.WAITING, metrics.RUNNING) for m in g.describe()}
+    assert set(gauges) == {"moeops_requests_waiting", "moeops_requests_running"}
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")
+    hpa_metrics = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    assert hpa_metrics == set(gauges)
+    # prometheus-adapter exposes each one per pod, from the scraped series (namespace/pod added by the scrape)
+    adapter = yaml.safe_load(by_kind(docs, "ConfigMap")["data"]["config.yaml"])
+    exposed = set()
+    for rule in adapter["rules"]:
+        series = re.match(r"(\w+)\{", rule["seriesQuery"])[1]
+        assert series in gauges and re.search(rule["name"]["matches"], series)
+        assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"},
+                                                  "pod": {"resource": "pod"}}
+        assert "by (<<.GroupBy>>)" in rule["metricsQuery"]
+        exposed.add(rule["name"]["as"])
+    assert exposed == hpa_metrics
+    # KEDA's queries read the same gauges
+    scaled = by_kind(docs, "ScaledObject")
+    queried = {re.match(r"sum\((\w+)\{", t["metadata"]["query"])[1] for t in scaled["spec"]["triggers"]}
+    assert queried == hpa_metrics
+    assert scaled["spec"]["scaleTargetRef"]["name"] == hpa["spec"]["scaleTargetRef"]["name"] == \
+        by_kind(docs, "Deployment")["metadata"]["name"]
+
+
+# --- the image -------------------------------------------------------------------------------------------------------
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+SERVE_PINS = _pins(DOCKER / "requirements-serve.txt")
+
+
+def test_serving_requirements_are_the_locks_versions_without_torch():
+    lock = _pins(REPO / "requirements.txt")
+    assert not {"torch", "deepspeed", "transformers", "triton"} & set(SERVE_PINS)
+    assert not [n for n in SERVE_PINS if n.startswith(("torch", "nvidia-"))]
+    assert {n: v for n, v in SERVE_PINS.items() if lock.get(n) != v} == {}
+
+
+def test_serving_requirements_are_closed():
+    """Every requirement of every pinned package (as installed from the same lock here) is pinned too, so
+    `pip install` in the image resolves to exactly this set."""
+    env = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+           "python_version": "3.11", "python_full_version": "3.11.0", "implementation_name": "cpython",
+           "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
+    missing = []
+    for name, version in SERVE_PINS.items():
+        dist = importlib.metadata.distribution(name)
+        assert dist.version == version, name
+        for req in map(Requirement, dist.requires or []):
+            if (req.marker is None or req.marker.evaluate(env)) and canonicalize_name(req.name) not in SERVE_PINS:
+                missing.append(f"{name} requires {req}")
+    assert missing == []
+
+
+def test_serving_requirements_cover_what_the_server_imports():
+    """The server's modules, imported in a fresh interpreter: every third-party distribution they load is pinned
+    (and torch is not among them)."""
+    code = ("import sys, importlib.metadata as md\n"
+            "import moeops.serve.server, moeops.serve.app, moeops.serve.engine, moeops.serve.watch, uvicorn\n"
+            "dists = md.packages_distributions()\n"
+            "print(sorted({d for m in list(sys.modules) for d in dists.get(m.split('.')[0], [])}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    loaded = {canonicalize_name(d) for d in json.loads(out.stdout.replace("'", '"'))}
+    assert "torch" not in loaded
+    assert sorted(loaded - set(SERVE_PINS) - {"moeops"}) == []
+
+
+def test_dockerfile():
+    instructions = _dockerfile()
+    final = _final_stage(instructions)
+    assert final[0] == ("FROM", "python:3.11-slim")
+    (user,) = [a for ins, a in final if ins == "USER"]
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0  # numeric, so runAsNonRoot can check it
+    runs = " ".join(a for ins, a in instructions if ins == "RUN")
+    assert "-r /tmp/requirements-serve.txt" in runs and "install --no-deps /wheels/" in runs
+    assert "torch" not in runs
+    # the Deployment runs the image as the same user
+    (deployment,) = [d for d in load_docs((K8S / "base" / "deployment.yaml").read_text())]
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(uid)
+    # every COPY from the build context survives the allow-list in Dockerfile.dockerignore
+    allowed = [ln[1:].rstrip("/") for ln in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+               if ln.startswith("!")]
+    sources = [a.split()[-2] for ins, a in instructions if ins == "COPY" and "--from=" not in a]
+    assert sources
+    for src in sources:
+        src = src.rstrip("/")
+        assert src in allowed or any(Path(src).is_relative_to(a) for a in allowed), src
+        assert (REPO / src).exists(), src
