@@ -74,7 +74,7 @@ TARGETS = {  # (target, higher is better)
 }
 SIZES = {  # requests per run; soak requests per repeat; steady-state requests after the first
     "full": {"repeats": 3, "saturation": 64, "rate": 40, "hf": 12, "soak": 1000, "steady": 10},
-    "quick": {"repeats": 2, "saturation": 16, "rate": 8, "hf": 3, "soak": 200, "steady": 3},
+    "quick": {"repeats": 2, "saturation": 16, "rate": 8, "hf": 2, "soak": 200, "steady": 3},
 }
 PROMPT_TOKENS, OUTPUT_TOKENS = (16, 64), (1, 192)
 SOAK_PROMPT_TOKENS, SOAK_OUTPUT_TOKENS, SOAK_CONCURRENCY = (16, 32), (1, 8), 32
@@ -434,8 +434,12 @@ def startup(workdir: Path, registry: Path, probe: Req, steady: int, r: int) -> d
         proc, url, ready_s = start_moeops(workdir, registry, f"startup-{label}-{r}", **serve)
         try:
             out[label] = {"start_to_ready_s": round(ready_s, 3), **first_vs_steady(url, probe, steady)}
+            info = httpx.get(url + "/version", timeout=10).json()  # after the probe: no warm-up of its own
+            out[label].update({k: info.get(k) for k in ("cache_hit", "load_seconds", "warmup_seconds")})
         finally:
             stop(proc)
+        if out[label]["cache_hit"] is not (cache is None):
+            print(f"  warning: {label}: the server reports cache_hit {out[label]['cache_hit']}", flush=True)
         print(f"  startup {label}: {out[label]}", flush=True)
     return out
 
@@ -445,7 +449,8 @@ def sustained_rate(saturated_requests_per_s: float) -> float:
     return float(f"{saturated_requests_per_s / 2:.2g}")
 
 
-def run(project: Path, quick: bool, only: list[str], repeats: int | None, rate: float | None) -> dict:
+def run(project: Path, quick: bool, only: list[str], repeats: int | None, rate: float | None,
+        hf_threads: int = SERVE["threads"]) -> dict:
     size = dict(SIZES["quick" if quick else "full"])
     if repeats:
         size["repeats"] = repeats
@@ -513,7 +518,7 @@ def run(project: Path, quick: bool, only: list[str], repeats: int | None, rate: 
             if "hf" in only:
                 proc, url, _ = start([sys.executable, "-m", "bench.hf_server", "--model-dir",
                                       str((project / "exports/hf").resolve()), "--threads",
-                                      str(SERVE["threads"])], work, f"transformers-{r}")
+                                      str(hf_threads)], work, f"transformers-{r}")
                 try:
                     hf = record("transformers", "inf_hf_set", measure(url, hf_reqs, float("inf"), r))
                 finally:
@@ -552,7 +557,7 @@ def run(project: Path, quick: bool, only: list[str], repeats: int | None, rate: 
     return {
         "project": str(project.resolve()), "quick": quick, "only": only, "repeats": size["repeats"], "sizes": size,
         "model": model_info(project, version, sha256),
-        "serve": SERVE, "slo": SLO, "sustained_rate_requests_per_s": rate,
+        "serve": SERVE, "transformers_threads": hf_threads, "slo": SLO, "sustained_rate_requests_per_s": rate,
         "rates": {config: sorted(labels) for config, labels in runs.items()},
         "workload": {"saturation": workload(sat), "at_rate": workload(at_rate), "hf_set": workload(hf_reqs),
                      "soak": {**workload(soak_reqs), "concurrency": SOAK_CONCURRENCY},
@@ -612,8 +617,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, help="override the repeats (3 full, 2 --quick)")
     ap.add_argument("--rate", type=float, help="the sustained rate in req/s (default: half the unbatched "
                                                "server's saturated request rate, measured in the first repeat)")
+    ap.add_argument("--hf-threads", type=int, default=SERVE["threads"],
+                    help="torch threads of the transformers peer (default: the server's, 2)")
     a = ap.parse_args(argv)
-    result = run(a.project, a.quick, a.only, a.repeats, a.rate)
+    result = run(a.project, a.quick, a.only, a.repeats, a.rate, a.hf_threads)
     print_table(result)
     print(f"written {save('serve', 'bench.serve', argv, result)}")
 
