@@ -41,9 +41,10 @@ log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 PROVIDER = "CPUExecutionProvider"
-# A prompt joins a prefill group while the group's padded tokens stay within this multiple of its real
-# tokens: one ORT call for similar prompts, but a long prompt is not padded onto many short ones.
-PREFILL_MAX_PADDING = 2.0
+# A prompt joins a prefill group while the group's padding stays under half its real tokens or under 32
+# tokens: one ORT call for similar or short prompts (a call costs more than a few padded tokens), but a
+# long prompt is not prefilled with short ones padded to its length.
+PREFILL_PADDING_RATIO, PREFILL_PADDING_SLACK = 0.5, 32
 
 
 class EngineFull(Exception):
@@ -111,12 +112,13 @@ class _Request:
 # ----------------------------------------------------------------------------- pure helpers
 
 
-def prefill_groups(lengths: list[int], max_padding: float = PREFILL_MAX_PADDING) -> list[list[int]]:
+def prefill_groups(lengths: list[int]) -> list[list[int]]:
     """Indices of the prompts, grouped for prefill (one ORT call per group), longest first."""
     groups: list[list[int]] = []
     real = 0
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_padding * (real + lengths[i]):
+        if groups and ((len(groups[-1]) + 1) * lengths[groups[-1][0]] - (real + lengths[i])
+                       <= max(PREFILL_PADDING_RATIO * (real + lengths[i]), PREFILL_PADDING_SLACK)):
             groups[-1].append(i)
             real += lengths[i]
         else:
@@ -308,7 +310,6 @@ class Engine:
         self._cache: list[np.ndarray] = []
         self._mask_BP = np.zeros((0, 0), np.int64)
         self._next_B = np.zeros(0, np.int64)  # each row's last sampled token, fed at the next step
-        self._kv_bytes = 0
         self._outbox: list[tuple[_Request, object]] = []
         self._step_s, self._tokens_per_request = 0.01, 32.0  # moving averages for Retry-After
 
@@ -354,7 +355,8 @@ class Engine:
                 self._cancel(req)
 
     def stats(self) -> dict:
-        return {"running": len(self._rows), "waiting": len(self._waiting), "kv_cache_bytes": self._kv_bytes}
+        return {"running": len(self._rows), "waiting": len(self._waiting),
+                "kv_cache_bytes": sum(c.nbytes for c in self._cache)}
 
     def drain(self, timeout_s: float) -> bool:
         with self._cond:
@@ -613,10 +615,9 @@ class Engine:
                     r.cancelled = True
 
     def _update_gauges(self) -> None:
-        self._kv_bytes = sum(c.nbytes for c in self._cache)
         metrics.RUNNING.labels(self.version).set(len(self._rows))
         metrics.WAITING.labels(self.version).set(len(self._waiting))
-        metrics.KV_CACHE_BYTES.labels(self.version).set(self._kv_bytes)
+        metrics.KV_CACHE_BYTES.labels(self.version).set(sum(c.nbytes for c in self._cache))
 
     def _warm_up(self) -> None:
         """Run the shapes serving will: prefill of a short and a long prompt at batch 1 and max_batch, and
