@@ -1,5 +1,5 @@
-"""The `moeops` command: `moeops registry ...` (the model registry CLI), `moeops promote ...` (gate -> registry).
-Also `python -m moeops ...`."""
+"""The `moeops` command: `moeops registry ...` (the model registry CLI), `moeops promote ...` (gate -> registry),
+`moeops serve ...` (the OpenAI-compatible server of a registry model). Also `python -m moeops ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from moeops.cli import UserError, run_main
 
-USAGE = "usage: moeops {registry,promote} ...  (moeops COMMAND --help for more)"
+USAGE = "usage: moeops {registry,promote,serve} ...  (moeops COMMAND --help for more)"
 
 
 def _dispatch(argv: list[str]) -> None:
@@ -21,6 +21,10 @@ def _dispatch(argv: list[str]) -> None:
         main(rest, prog="moeops registry")
     elif cmd == "promote":
         from moeops.registry.promotion import main
+
+        main(rest)
+    elif cmd == "serve":
+        from moeops.serve.server import main
 
         main(rest)
     else:

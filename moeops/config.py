@@ -433,6 +433,24 @@ class FlowParams(Section):
         return self
 
 
+class ServeParams(Section):
+    """`moeops serve` (moeops/serve): the OpenAI-compatible ONNX Runtime server of the registry's champion."""
+
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch: int = Field(16, ge=1)  # sequences in one decode step (continuous batching)
+    max_waiting: int = Field(64, ge=1)  # requests queued beyond the batch; more are answered 429 at once
+    max_prompt_tokens: int = Field(0, ge=0)  # 0 = the model's context
+    max_new_tokens: int = Field(256, ge=1)  # the most tokens one request may ask for
+    request_timeout_s: float = Field(60.0, gt=0)  # queued + running; past it the request is cancelled (504)
+    threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0 = all cores
+    cache_dir: str = ".cache/ort"  # optimized graphs, keyed by model sha256 + ORT version + provider; "" = off
+    warmup: bool = True  # run the batch and length buckets once before ready
+    watch_interval_s: float = Field(2.0, ge=0)  # poll the registry alias (hot reload); 0 = never
+    drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: how long in-flight requests may take to finish
+    scheduling: Literal["continuous", "static"] = "continuous"  # static: a batch runs to completion (benchmarks)
+
+
 SECTIONS: dict[str, type[Section]] = {
     "corpus": CorpusParams,
     "prepare": PrepareParams,
@@ -444,6 +462,7 @@ SECTIONS: dict[str, type[Section]] = {
     "gate": GateParams,
     "registry": RegistryParams,
     "flow": FlowParams,
+    "serve": ServeParams,
 }
 
 
