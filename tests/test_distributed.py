@@ -52,15 +52,32 @@ def train(project: Path, **layout) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def reference(prepared_project, tmp_path_factory) -> Path:
+    """One process, STEPS, default params (activation_checkpointing off); read-only: copy it to change it."""
     project = tmp_path_factory.mktemp("single") / "project"
     shutil.copytree(prepared_project, project)
     train(project)
     return project
 
 
+@pytest.fixture(scope="module")
+def layout_run(prepared_project, tmp_path_factory):
+    """layout_run(name) -> (project, stage output): each layout of LAYOUTS trained once per module (the layout
+    test checks it; the int8 test uses dp2 as its fp32 baseline). Read-only."""
+    runs = {}
+
+    def run(name: str) -> tuple[Path, subprocess.CompletedProcess]:
+        if name not in runs:
+            project = tmp_path_factory.mktemp(name) / "project"
+            shutil.copytree(prepared_project, project)
+            runs[name] = project, train(project, **LAYOUTS[name])
+        return runs[name]
+
+    return run
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_trains_the_same_model_as_one_process(reference, project, name):
-    out = train(project, **LAYOUTS[name])
+def test_layout_trains_the_same_model_as_one_process(reference, layout_run, name):
+    project, out = layout_run(name)
     assert f"launching {LAYOUTS[name]['world_size']} processes" in out.stdout
     ours, single = losses(project), losses(reference)
     assert len(ours) == len(single) == 20
@@ -73,15 +90,16 @@ def test_layout_trains_the_same_model_as_one_process(reference, project, name):
     assert (metrics["all_to_all_bytes_per_step"] > 0) == (layout["ep_size"] > 1)
 
 
-def test_int8_gradients_send_70_percent_fewer_bytes(reference, project):
+def test_int8_gradients_send_70_percent_fewer_bytes(layout_run, project):
     train(project, world_size=2, grad_compression="int8")
     int8 = json.loads((project / "metrics/pretrain.json").read_text())["grad_bytes_per_step"]
     int8_loss, int8_val = losses(project)[-1], val_loss(project)
-    train(project, world_size=2)  # other params (a new run): the fp32 baseline
-    fp32 = json.loads((project / "metrics/pretrain.json").read_text())["grad_bytes_per_step"]
+    baseline, _ = layout_run("dp2")  # the same data, STEPS and world_size 2 with fp32 gradients
+    assert LAYOUTS["dp2"] == {"world_size": 2}
+    fp32 = json.loads((baseline / "metrics/pretrain.json").read_text())["grad_bytes_per_step"]
     assert int8 <= 0.30 * fp32
-    assert int8_loss == pytest.approx(losses(project)[-1], rel=0.01)
-    assert int8_val == pytest.approx(val_loss(project), rel=0.01)
+    assert int8_loss == pytest.approx(losses(baseline)[-1], rel=0.01)
+    assert int8_val == pytest.approx(val_loss(baseline), rel=0.01)
 
 
 def alive(p: psutil.Process) -> bool:
@@ -150,7 +168,7 @@ def test_max_restarts_relaunches_and_resumes_by_itself(project):
     assert json.loads((project / "metrics/pretrain.json").read_text())["resumed_from_step"] >= 5
 
 
-def test_activation_checkpointing_changes_memory_not_results(project, tmp_path):
+def test_activation_checkpointing_changes_memory_not_results(reference, project, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(project, other)
     train(project, activation_checkpointing="on")
@@ -160,8 +178,9 @@ def test_activation_checkpointing_changes_memory_not_results(project, tmp_path):
     assert losses(project) == losses(other)
     assert (project / "models/teacher/model.safetensors").read_bytes() == \
         (other / "models/teacher/model.safetensors").read_bytes()
-    train(other, activation_checkpointing="off")
-    assert losses(other) == pytest.approx(losses(project), rel=1e-5)
+    # Off: the module's reference run (the same data and STEPS, activation_checkpointing's default "off").
+    assert json.loads((reference / "metrics/pretrain.json").read_text())["activation_checkpointing"] is False
+    assert losses(reference) == pytest.approx(losses(project), rel=1e-5)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -193,10 +212,11 @@ def test_unreachable_host_in_hostfile_refused(project):
 
 
 @pytest.mark.parametrize("damage", ["drop_moment", "truncate_weights"])
-def test_damaged_checkpoint_is_a_one_line_error(project, damage):
+def test_damaged_checkpoint_is_a_one_line_error(reference, tmp_path, damage):
     from safetensors.torch import load_file, save_file
 
-    train(project)
+    project = tmp_path / "project"
+    shutil.copytree(reference, project)  # a finished STEPS run: its checkpoints up to step 20
     last = project / "checkpoints/pretrain/step_00000020"
     if damage == "drop_moment":
         moments = load_file(last / "optimizer.safetensors")
