@@ -73,7 +73,7 @@ TARGETS = {  # (target, higher is better)
     "soak_rss_growth": (0.10, False),
 }
 SIZES = {  # requests per run; soak requests per repeat; steady-state requests after the first
-    "full": {"repeats": 3, "saturation": 64, "rate": 40, "hf": 12, "soak": 1000, "steady": 10},
+    "full": {"repeats": 3, "saturation": 48, "rate": 32, "hf": 12, "soak": 1000, "steady": 10},
     "quick": {"repeats": 2, "saturation": 16, "rate": 8, "hf": 2, "soak": 200, "steady": 3},
 }
 PROMPT_TOKENS, OUTPUT_TOKENS = (16, 64), (1, 192)
@@ -388,12 +388,13 @@ def first_vs_steady(url: str, req: Req, steady: int) -> dict:
 
 
 def soak(workdir: Path, registry: Path, requests: list[Req], name: str) -> dict:
-    """`requests` (short) SOAK_CONCURRENCY at a time on a fresh server; RSS after the first tenth (the
-    warm-up: arenas, caches and connection pools reach their working size) and every tenth after."""
+    """`requests` (short) SOAK_CONCURRENCY at a time on a fresh server; RSS after the first tenth (at least
+    50: the warm-up, while arenas, caches and connection pools reach their working size), then 9 times
+    more up to the end."""
     proc, url, _ = start_moeops(workdir, registry, name)
     try:
         ps = psutil.Process(proc.pid)
-        warm = max(1, len(requests) // 10)
+        warm = min(len(requests) // 2, max(50, len(requests) // 10))
         samples: list[tuple[int, float]] = [(0, ps.memory_info().rss / 2**20)]
 
         async def go() -> tuple[list[Outcome], float]:
@@ -459,6 +460,8 @@ def run(project: Path, quick: bool, only: list[str], repeats: int | None, rate: 
     sat = make_requests(prepared, size["saturation"], seed=1, context=context)
     at_rate = make_requests(prepared, size["rate"], seed=2, context=context)
     hf_reqs = sat[:size["hf"]]
+    if quick:  # transformers streams ~10x slower: a smoke test keeps its part short
+        hf_reqs = [Req(r.prompt, r.prompt_tokens, min(r.max_tokens, 32)) for r in hf_reqs]
     soak_reqs = make_requests(prepared, size["soak"], seed=3, prompt_range=SOAK_PROMPT_TOKENS,
                               output_range=SOAK_OUTPUT_TOKENS, context=context)
     probe = Req(sat[0].prompt, sat[0].prompt_tokens, 32)
@@ -494,7 +497,8 @@ def run(project: Path, quick: bool, only: list[str], repeats: int | None, rate: 
             if {"batching", "static", "hf", "overhead"} & set(only):
                 proc, url, _ = start_moeops(work, registry, f"continuous-{r}")
                 try:
-                    cont_sat = record("continuous", "inf", measure(url, sat, float("inf"), r))
+                    if {"batching", "static", "overhead"} & set(only):
+                        cont_sat = record("continuous", "inf", measure(url, sat, float("inf"), r))
                     if "batching" in only:
                         cont_r = record("continuous", f"{rate:g}", measure(url, at_rate, rate, 100 + r))
                         for k in (2, 4):
