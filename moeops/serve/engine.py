@@ -34,7 +34,7 @@ import numpy as np
 from moeops.cli import UserError
 from moeops.lineage import recorded_checksums, verify_checksums
 from moeops.ort import first_line, io_names, ort_errors
-from moeops.sampling import left_pad, sample_next
+from moeops.sampling import left_pad
 from moeops.serve import metrics
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,22 @@ def stream_text(text: str, emitted: int, stop: tuple[str, ...], final: bool) -> 
     return text[emitted:end], end, False
 
 
+def sample_token(logits_V: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy (argmax) at temperature 0, else top-p sampling as moeops.sampling.sample_next does, but
+    drawn among the kept tokens in token-id order rather than probability order: batching moves logits
+    by ~1e-6, which can swap two near-equal tail tokens in the probability order and so change which
+    token the same random draw lands on; in id order a seeded request samples the same tokens alone or
+    batched."""
+    if temperature <= 0:
+        return int(logits_V.argmax())
+    z_V = logits_V.astype(np.float64) / temperature
+    probs_V = np.exp(z_V - z_V.max())
+    probs_V /= probs_V.sum()
+    order_V = np.argsort(-probs_V, kind="stable")
+    kept = np.sort(order_V[:int(np.searchsorted(np.cumsum(probs_V[order_V]), top_p)) + 1])
+    return int(rng.choice(kept, p=probs_V[kept] / probs_V[kept].sum()))
+
+
 def log_softmax(logits_V: np.ndarray) -> np.ndarray:
     z_V = logits_V.astype(np.float64)
     z_V -= z_V.max()
@@ -290,14 +306,16 @@ class Engine:
         self.eos_id = self.tokenizer.token_to_id(EOS_TOKEN)
         if self.eos_id is None:
             raise UserError(f"{model_dir / 'tokenizer.json'}: has no {EOS_TOKEN} token")
-        # what a token id reads as in logprobs (a byte of a multi-byte character reads as U+FFFD)
-        self._token_text = self.tokenizer.decode_batch([[i] for i in range(self.vocab_size)],
-                                                       skip_special_tokens=False)
+        self._token_texts: dict[int, str] = {}  # filled as logprobs name tokens (the whole vocab costs start time)
         self.ort_version, self.provider = ort.__version__, self._session.get_providers()[0]
         self.load_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         if warmup:
-            self._warm_up()
+            try:
+                self._warm_up()
+            except ort_errors() as e:
+                raise UserError(f"{model_dir / 'model.onnx'}: ONNX Runtime cannot run it ({type(e).__name__}: "
+                                f"{first_line(e)})") from None
         self.warmup_seconds = time.perf_counter() - t0 if warmup else 0.0
 
         self._cond = threading.Condition()
@@ -533,7 +551,7 @@ class Engine:
     def _next_token(self, r: _Request, logits_V: np.ndarray, prompt_lp=None) -> int | None:
         """Sample and send a row's next token; the token to feed next, or None when the sequence ended."""
         p = r.params
-        token = int(sample_next(logits_V[None], p.temperature, p.top_p, r.rng)[0])
+        token = sample_token(logits_V, p.temperature, p.top_p, r.rng)
         now = time.monotonic()
         (self._m_itl if r.last_token_at else self._m_ttft).observe(now - (r.last_token_at or r.arrival))
         r.last_token_at = now
@@ -554,9 +572,16 @@ class Engine:
             return None
         return token
 
+    def _token_text(self, token: int) -> str:
+        """What a token reads as on its own in logprobs (a byte of a multi-byte character reads as U+FFFD)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
     def _logprob(self, logprobs_V: np.ndarray, token: int, n: int) -> TokenLogprob:
-        top = [(self._token_text[i], float(logprobs_V[i])) for i in top_n(logprobs_V, n)]
-        return TokenLogprob(token, self._token_text[token], float(logprobs_V[token]), top)
+        top = [(self._token_text(i), float(logprobs_V[i])) for i in top_n(logprobs_V, n)]
+        return TokenLogprob(token, self._token_text(token), float(logprobs_V[token]), top)
 
     def _prompt_logprobs(self, r: _Request, logits_SV: np.ndarray) -> list[TokenLogprob | None]:
         """Position i's logits predict prompt token i + 1; the first token has none."""
