@@ -445,3 +445,19 @@ def test_seeded_sampling_ignores_float_noise_in_the_probability_order():
         picks = [sample_token(x_V, 0.8, 0.9, np.random.default_rng(seed)) for x_V in (a_V, b_V)]
         assert picks[0] == picks[1], seed
     assert sample_token(a_V, 0.0, 1.0, np.random.default_rng(0)) == int(a_V.argmax())
+
+
+def test_an_unusable_cached_graph_is_rebuilt(fp32_dir, tmp_path, caplog):
+    first = Engine(fp32_dir, version="test-cache", threads=1, cache_dir=tmp_path, warmup=False)
+    first.close()
+    (cached,) = tmp_path.glob("*.onnx")
+    good = cached.read_bytes()
+    cached.write_bytes(good[: len(good) // 2])  # damaged after it was written
+    with caplog.at_level("WARNING", logger="moeops.serve.engine"):
+        again = Engine(fp32_dir, version="test-cache", threads=1, cache_dir=tmp_path, warmup=False)
+    again.close()
+    assert not first.cache_hit and not again.cache_hit
+    assert [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()] != []
+    hit = Engine(fp32_dir, version="test-cache", threads=1, cache_dir=tmp_path, warmup=False)
+    hit.close()
+    assert hit.cache_hit

@@ -204,12 +204,12 @@ def top_n(logprobs_V: np.ndarray, n: int) -> list[int]:
 
 
 def open_session(model: Path, sha256: str, cache_dir: Path | None, threads: int):
-    """(ORT session, cache_hit). The graph optimized by ORT is cached as
-    cache_dir/<sha256[:16]>-ort<version>-<EP>-<machine>.onnx (written under a temp name, then renamed);
-    a later start loads it with optimizations off. The key names the machine because ORT_ENABLE_ALL's
-    layout transforms (NCHWc) are specific to the CPU that ran them. A graph that cannot be saved or
-    loaded back (ORT cannot serialize some models, e.g. past protobuf's 2 GB) falls back to the
-    original, optimized in memory, with one warning line."""
+    """(ORT session, cache_hit). The graph ORT optimizes is cached as
+    cache_dir/<sha256[:16]>-ort<version>-<EP>-<machine>.onnx (written under a temp name, then renamed)
+    and every start, the first included, serves that file loaded with optimizations off, so a restart
+    runs the same graph. The key names the machine because ORT_ENABLE_ALL's layout transforms are CPU
+    specific (ORT warns so when it saves one). A cached file that does not load is rebuilt; a graph ORT
+    cannot save (e.g. past protobuf's 2 GB) is served optimized in memory. One warning line each."""
     import onnxruntime as ort
 
     def session(path: Path, optimize: bool, save: Path | None = None):
@@ -220,7 +220,7 @@ def open_session(model: Path, sha256: str, cache_dir: Path | None, threads: int)
                                          else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         if save is not None:
             opts.optimized_model_filepath = str(save)
-            opts.log_severity_level = 3  # ORT warns that the saved graph is hardware specific: the key says so
+            opts.log_severity_level = 3  # the hardware-specific warning: the cache key names the machine
         return ort.InferenceSession(str(path), opts, providers=[PROVIDER])
 
     def original():
@@ -232,28 +232,25 @@ def open_session(model: Path, sha256: str, cache_dir: Path | None, threads: int)
     if cache_dir is None:
         return original(), False
     cached = Path(cache_dir) / f"{sha256[:16]}-ort{ort.__version__}-{PROVIDER}-{platform.machine()}.onnx"
-    hit = cached.is_file()
-    if not hit:
+    if cached.is_file():
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                session(model, optimize=True, save=Path(tmp))
-                os.replace(tmp, cached)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        except (*ort_errors(), OSError) as e:
-            sess = original()
-            log.warning("%s: optimized graph not cached (%s); serving %s optimized in memory", cached,
-                        first_line(e), model)
-            return sess, False
+            return session(cached, optimize=False), True
+        except ort_errors() as e:
+            log.warning("%s: cached optimized graph unusable (%s); rebuilding it", cached, first_line(e))
     try:
-        return session(cached, optimize=False), hit
-    except ort_errors() as e:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            session(model, optimize=True, save=Path(tmp))
+            os.replace(tmp, cached)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return session(cached, optimize=False), False
+    except (*ort_errors(), OSError) as e:
         sess = original()
-        log.warning("%s: cached optimized graph unusable (%s); serving %s optimized in memory", cached,
-                    first_line(e), model)
+        log.warning("%s: optimized graph not cached (%s); serving %s optimized in memory", cached, first_line(e),
+                    model)
         return sess, False
 
 
