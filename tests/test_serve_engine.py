@@ -1,7 +1,7 @@
 """The serving engine (moeops.serve.engine) on real ONNX Runtime sessions of the served test models:
-continuous batching gives each request the results it gets alone (exactly on the fp32 graph; int8's
-per-tensor dynamic activation quantization couples a batch's rows, measured here), cancellation frees
-the slot, a full queue refuses at once, stop strings, prompt logprobs, the context limit, timeouts,
+continuous batching gives each request the results it gets alone (on the fp32 graph to float rounding;
+on int8 measured, since an int8 graph that quantizes activations per tensor couples a batch's rows),
+cancellation frees the slot, a full queue refuses at once, stop strings, prompt logprobs, the context limit, timeouts,
 drain, the optimized-graph cache and torch-free import."""
 
 from __future__ import annotations
@@ -147,8 +147,9 @@ def test_batching_never_changes_fp32_results(fp32):
 
 
 def test_int8_batching_is_close(int8):
-    """int8 quantizes activations per tensor at run time, so a row's logits depend slightly on the other
-    rows: measured, with a loose sanity bound (the numbers go to the report: pytest -s)."""
+    """An int8 graph that quantizes activations per tensor at run time (DynamicQuantizeLinear) makes a
+    row's logits depend on the other rows; a weight-only one does not. Measured, with a loose sanity
+    bound (pytest -s prints the numbers)."""
     prompts, max_tokens = prompts_and_lengths(int8.vocab_size)
     alone, batched = run_alone_and_batched(int8, prompts, max_tokens, GREEDY)
     same = total = 0
