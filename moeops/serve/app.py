@@ -62,14 +62,19 @@ MIN_LOGPROB = -1e4  # JSON has no -inf; a logprob this low is "impossible" to an
 # ----------------------------------------------------------------- request and response schemas
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """JSON types as documented: 0 is not false and "5" is not 5 (OpenAI refuses them too). Unknown fields are
+    ignored, as vLLM does (clients send extras)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
     include_usage: bool | None = False
 
 
-class _Params(BaseModel):
-    """What completions and chat share. Unknown fields are ignored, as vLLM does (clients send extras)."""
-
-    model_config = ConfigDict(extra="ignore")
+class _Params(_Strict):
+    """What completions and chat share."""
 
     model: str = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0, description="overrides max_tokens when given")
@@ -79,27 +84,26 @@ class _Params(BaseModel):
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(1, ge=1, description="only 1 is supported")
+    n: int | None = Field(1, ge=1, le=1, description="only 1 is supported")
     ignore_eos: bool | None = Field(False, description="vLLM extension: keep generating past end-of-text")
     user: str | None = None
 
 
 class CompletionRequest(_Params):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="a string, a list of strings (one choice each), or token ids (a list, or a list of lists)")
+        description="a string, a list of strings (one choice each), or token ids (a list, or a list of lists)",
+        examples=["def add(a, b):\n    return"])
     max_tokens: int | None = Field(16, ge=0, description="new tokens; 0 with echo + logprobs scores the prompt")
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
 
 
-class ContentPart(BaseModel):
+class ContentPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
@@ -225,9 +229,26 @@ ERRORS: dict[int | str, dict[str, Any]] = {400: _ERROR, 404: _ERROR, 429: _ERROR
 
 
 def _generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    # stream: true answers text/event-stream; schema tools must know both media types are legitimate
-    sse = {"text/event-stream": {"schema": {"type": "string", "description": "data: {chunk}\\n\\n ... [DONE]"}}}
+    # stream: true answers text/event-stream; its schema describes one event (OpenAPI 3.1 has no itemSchema):
+    # `data` is a chunk as JSON, an error object, or the final [DONE]
+    event = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string", "description": "a chunk (JSON) ... then [DONE]"},
+                            "event": {"type": "string"}}}
+    sse = {"text/event-stream": {"schema": event}}
     return {200: {"model": model, "content": sse}, **ERRORS}
+
+
+def document_server_limits(components: dict[str, Any], model_name: str, max_new_tokens: int) -> None:
+    """What this server's settings add to the request schemas: the model it serves (as an example) and the
+    most new tokens a request may ask for, so that clients and schema-driven tests see the real limits."""
+    for name in ("CompletionRequest", "ChatRequest"):
+        props = components.get(name, {}).get("properties", {})
+        if "model" in props:
+            props["model"]["examples"] = [model_name]
+        for key in ("max_tokens", "max_completion_tokens"):
+            for branch in props.get(key, {}).get("anyOf", []):
+                if branch.get("type") == "integer":
+                    branch["maximum"] = max_new_tokens
 
 
 # ----------------------------------------------------------------- errors
@@ -405,14 +426,24 @@ class Choice:
         self.detok = Detok(self.tokenizer)
 
 
+def requested_tokens(body: CompletionRequest | ChatRequest, max_new_tokens: int) -> tuple[int | None, str]:
+    """(new tokens asked for, the field that asked): max_completion_tokens wins over max_tokens, and both are
+    held to serve.max_new_tokens when given."""
+    for param in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, param)
+        if value is not None and value > max_new_tokens:
+            raise APIError(400, f"{param}: {value} is more than this server's limit of {max_new_tokens} new tokens",
+                           param=param)
+    if body.max_completion_tokens is not None:
+        return body.max_completion_tokens, "max_completion_tokens"
+    return body.max_tokens, "max_tokens"
+
+
 def new_tokens(requested: int | None, prompt_len: int, context: int, max_new_tokens: int, param: str) -> int:
     """How many tokens a sequence may generate: what was asked if it fits, else a 400 on `param`."""
     room = context - prompt_len
     if requested is None:
         return min(max_new_tokens, room)
-    if requested > max_new_tokens:
-        raise APIError(400, f"{param}: {requested} is more than this server's limit of {max_new_tokens} new tokens",
-                       param=param)
     if requested > room:
         raise APIError(400, f"{param}: this model's context is {context} tokens and the prompt takes {prompt_len}, "
                             f"so at most {room} new tokens fit, not {requested}", param=param)
@@ -475,8 +506,6 @@ def sampling(body: _Params, max_tokens: int, stop: tuple[str, ...], logprobs: in
 
 
 def check_common(body: _Params) -> None:
-    if body.n not in (None, 1):
-        raise APIError(400, f"n: only 1 choice per prompt is supported, got {body.n}", param="n")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
 
@@ -623,8 +652,10 @@ def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -
             for ops in schema["paths"].values():
                 for op in ops.values():
                     op.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+                components.pop(name, None)
+            document_server_limits(components, router.model_name, max_new_tokens)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -718,10 +749,7 @@ def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -
         check_common(body)
         echo = bool(body.echo)
         want_logprobs = body.logprobs is not None
-        if body.max_completion_tokens is not None:
-            requested, param = body.max_completion_tokens, "max_completion_tokens"
-        else:
-            requested, param = body.max_tokens, "max_tokens"
+        requested, param = requested_tokens(body, max_new_tokens)
         stop = stop_strings(body.stop)
 
         def plan(engine):
@@ -760,10 +788,7 @@ def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         want_logprobs = bool(body.logprobs)
-        if body.max_completion_tokens is not None:
-            requested, param = body.max_completion_tokens, "max_completion_tokens"
-        else:
-            requested, param = body.max_tokens, "max_tokens"
+        requested, param = requested_tokens(body, max_new_tokens)
         stop = (*stop_strings(body.stop), CHAT_STOP)
         text = chat_prompt(body.messages)
 

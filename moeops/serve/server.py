@@ -141,8 +141,10 @@ def serve(args: argparse.Namespace) -> None:
             app.state.draining = True
             threading.Thread(target=drain, name="drain", daemon=True).start()
 
+    # keep-alive longer than clients' pool expiry (httpx: 5 s, uvicorn's default too) and load balancers' idle
+    # timeouts (60 s): else a client may send on a connection the server is closing, and gets a reset
     config = uvicorn.Config(app, host=params.host, port=params.port, log_level="info", access_log=False,
-                            lifespan="off", timeout_graceful_shutdown=5)
+                            lifespan="off", timeout_graceful_shutdown=5, timeout_keep_alive=75)
     server = Server(config)
 
     def drain() -> None:
