@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 # DVC stage commands call `python`: make it the venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: pipeline test lint bench flow ui clean
+.PHONY: pipeline test lint bench flow ui serve clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ flow: $(BIN)/.installed
 # 127.0.0.1:4200, serving the scheduled `pipeline/retrain` deployment. Ctrl-C stops both.
 ui: $(BIN)/.installed
 	$(BIN)/python -m flows.retrain --server
+
+# The local registry's champion (after `make flow` or `make pipeline` + promote) behind the OpenAI-compatible
+# API on 127.0.0.1:8000 (params.yaml serve:); follows the champion alias (hot reload). Ctrl-C drains and stops.
+serve: $(BIN)/.installed
+	$(BIN)/python -m moeops serve
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.run
