@@ -32,7 +32,9 @@ median (min-max), a target judged on the worst end (bench.common.verdict):
   soak       short requests, 32 at a time, server RSS (psutil) after warm-up and at the end (target:
              growth < 10%)
 
-Full run (3 repeats) ~8 min on the 2-core reference machine (--quick: 2 repeats, small counts, ~1 min).
+Full run (3 repeats): ~8 min estimated on a quiet 2-core machine (scaled from runs on a loaded one;
+--quick: 2 repeats of small counts, a smoke test of ~2 min there, ~10 min when 6 jobs share the cores).
+Per repeat: 48 requests at saturation, 24 at each rate, 8 for transformers, 1000 in the soak.
 Writes bench/results/serve.json ($MOEOPS_BENCH_OUT for scratch runs).
 """
 
@@ -73,7 +75,7 @@ TARGETS = {  # (target, higher is better)
     "soak_rss_growth": (0.10, False),
 }
 SIZES = {  # requests per run; soak requests per repeat; steady-state requests after the first
-    "full": {"repeats": 3, "saturation": 48, "rate": 32, "hf": 12, "soak": 1000, "steady": 10},
+    "full": {"repeats": 3, "saturation": 48, "rate": 24, "hf": 8, "soak": 1000, "steady": 10},
     "quick": {"repeats": 2, "saturation": 16, "rate": 8, "hf": 2, "soak": 200, "steady": 3},
 }
 PROMPT_TOKENS, OUTPUT_TOKENS = (16, 64), (1, 192)
@@ -615,7 +617,7 @@ def print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--project", type=Path, default=Path("."), help="a project after `make pipeline` (default: .)")
-    ap.add_argument("--quick", action="store_true", help="2 repeats of small runs (a smoke test, ~1 min)")
+    ap.add_argument("--quick", action="store_true", help="2 repeats of small runs (a smoke test, ~2 min)")
     ap.add_argument("--only", nargs="+", choices=NAMES, default=list(NAMES), metavar="NAME",
                     help=f"run only these: {', '.join(NAMES)} (default: all)")
     ap.add_argument("--repeats", type=int, help="override the repeats (3 full, 2 --quick)")
@@ -624,9 +626,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hf-threads", type=int, default=SERVE["threads"],
                     help="torch threads of the transformers peer (default: the server's, 2)")
     a = ap.parse_args(argv)
+    t0 = time.perf_counter()
     result = run(a.project, a.quick, a.only, a.repeats, a.rate, a.hf_threads)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
     print_table(result)
-    print(f"written {save('serve', 'bench.serve', argv, result)}")
+    print(f"written {save('serve', 'bench.serve', argv, result)} ({result['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":
