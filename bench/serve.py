@@ -592,9 +592,11 @@ def model_info(project: Path, version: str, sha256: str | None) -> dict:
     info = {"variant": "int8", "path": "exports/onnx/int8/model.onnx", "registry_version": version,
             "sha256": sha256, "file_bytes": (project / "exports/onnx/int8/model.onnx").stat().st_size,
             "config": config}
-    metrics = project / "metrics/eval.json"
+    metrics = project / "metrics/eval.json"  # the evaluate stage's figures for this variant, if it is the one served
     if metrics.is_file():
-        info["params"] = json.loads(metrics.read_text()).get("params")
+        ev = json.loads(metrics.read_text()).get("variants", {}).get("onnx_int8", {})
+        if ev.get("model_sha256") == sha256:
+            info.update({k: ev.get(k) for k in ("params_total", "bits_per_byte")})
     return info
 
 
