@@ -543,7 +543,8 @@ class Engine:
             if token is not None:
                 self._next_B[b] = token
                 keep.append(b)
-        self._select(keep)
+        if len(keep) < B:
+            self._select(keep)
 
     def _next_token(self, r: _Request, logits_V: np.ndarray, prompt_lp=None) -> int | None:
         """Sample and send a row's next token; the token to feed next, or None when the sequence ended."""
