@@ -404,6 +404,24 @@ def test_disconnect_frees_the_slot(small_server):
     generated = sample(scrape(url), "moeops_generation_tokens_total", model_version="v1") - \
         sample(before, "moeops_generation_tokens_total", model_version="v1")
     assert generated < SERVE_CONTEXT - 2  # cancelled, not run to the end
+
+    # not streaming: the server notices the closed connection while it generates, and stops too
+    before = scrape(url)
+    body = json.dumps({**body, "stream": False}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 10
+        while not sample(scrape(url), "moeops_requests_running", model_version="v1"):
+            assert time.monotonic() < deadline
+    wait_idle(url)
+    after = scrape(url)
+    generated = sample(after, "moeops_generation_tokens_total", model_version="v1") - \
+        sample(before, "moeops_generation_tokens_total", model_version="v1")
+    assert generated < SERVE_CONTEXT - 2
+    assert sample(after, "moeops_requests_total", model_version="v1", status="499") == \
+        sample(before, "moeops_requests_total", model_version="v1", status="499") + 1
     # the only slot serves the next request
     r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=30)
     assert r.status_code == 200
@@ -426,6 +444,36 @@ def test_a_client_that_never_reads_blocks_nobody(server):
         wait_idle(server)  # its sequence finished generating although nobody reads it
     finally:
         s.close()
+
+
+# ----------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("serve, message", [
+    ({"bogus": 1}, "serve.bogus: unknown key"),
+    ({"max_batch": "many"}, "serve.max_batch: Input should be a valid integer"),
+    ({"port": 70000}, "serve.port: Input should be less than or equal to 65535"),
+    ({"scheduling": "dynamic"}, "serve.scheduling: Input should be 'continuous' or 'static'"),
+    ({"watch_interval_s": -1.0}, "serve.watch_interval_s: Input should be greater than or equal to 0"),
+])
+def test_serve_params_are_validated(tmp_path, serve, message):
+    from moeops.cli import UserError
+    from moeops.config import load_section
+
+    (tmp_path / "params.yaml").write_text(json.dumps({"serve": serve}))
+    with pytest.raises(UserError) as e:
+        load_section("serve", tmp_path / "params.yaml")
+    assert str(e.value) == f"{tmp_path / 'params.yaml'}: {message}"
+
+
+def test_bad_serve_params_exit_2_before_binding(tmp_path):
+    from conftest import stage_env
+
+    (tmp_path / "params.yaml").write_text("serve:\n  max_batch: 0\n")
+    proc = subprocess.run([sys.executable, "-m", "moeops", "serve", "--params", "params.yaml"], cwd=tmp_path,
+                          env=stage_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: params.yaml: serve.max_batch: Input should be greater than or equal to 1"
 
 
 # ----------------------------------------------------------------- the schema

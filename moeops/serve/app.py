@@ -676,7 +676,8 @@ def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> Response:
-        log.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=e)
+        # uvicorn logs the traceback (Starlette re-raises after this answer): one line here names the route
+        log.error("unexpected error answering %s %s: %s: %s", request.method, request.url.path, type(e).__name__, e)
         return APIError(500, "internal server error", type="server_error", code="internal_error").response()
 
     def route(model: str, request: Request):
@@ -733,13 +734,14 @@ def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not work.done():  # the client left: stop generating for nobody
+            client_left = not work.done()
+            if client_left:  # stop generating for nobody
                 work.cancel()
             gen.cancel()
-        if work.cancelled():
+        if client_left:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        if work.exception() is not None:
-            e = work.exception()
+        e = work.exception()
+        if e is not None:
             raise e if isinstance(e, APIError) else engine_error(e)
         return JSONResponse({**head, "choices": [parts[c.index] for c in choices], "usage": usage(choices)})
 
