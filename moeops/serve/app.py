@@ -309,12 +309,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet shows every byte as a printable character; this maps them back."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = list(bs)
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + len(cs) - 188)
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+    shown = {b: chr(b) for b in bs}
+    for b in range(256):  # the other bytes (controls, space, ...) are shown as chr(256), chr(257), ... in order
+        if b not in shown:
+            shown[b] = chr(256 + len(shown) - len(bs))
+    return {c: b for b, c in shown.items()}
 
 
 @functools.lru_cache(maxsize=4)  # one per loaded tokenizer; hot reload holds two at once
