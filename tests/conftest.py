@@ -162,6 +162,17 @@ def exported_project(prepared_project, tmp_path_factory) -> Path:
     return project
 
 
+@pytest.fixture(scope="session")
+def pretrained_project(prepared_project, tmp_path_factory) -> Path:
+    """The prepared project + the real pretrain stage run through on DEBUG_PARAMS (models/teacher, its
+    checkpoints, metrics/pretrain.json). Shared by the training and distillation tests: copy it before
+    changing anything."""
+    project = tmp_path_factory.mktemp("pretrained") / "project"
+    shutil.copytree(prepared_project, project)
+    run_stage("pretrain", project)
+    return project
+
+
 @pytest.fixture
 def project(prepared_project, tmp_path) -> Path:
     """A fresh copy of the prepared project for one test."""

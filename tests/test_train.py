@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,14 +31,19 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def test_same_params_give_bitwise_identical_weights(project, tmp_path):
-    import shutil
+@pytest.fixture
+def pretrained(pretrained_project, tmp_path) -> Path:
+    """A fresh copy of the session's pretrained project (the pretrain stage run once on DEBUG_PARAMS)."""
+    dst = tmp_path / "pretrained"
+    shutil.copytree(pretrained_project, dst)
+    return dst
 
-    other = tmp_path / "other"
-    shutil.copytree(project, other)
+
+def test_same_params_give_bitwise_identical_weights(project, pretrained_project):
+    # Two real runs of the stage on the same data and params, in two directories: this test's, and
+    # the session's (conftest.pretrained_project).
     run_stage("pretrain", project)
-    run_stage("pretrain", other)
-    assert weights(project) == weights(other)
+    assert weights(project) == weights(pretrained_project)
     metrics = json.loads((project / "metrics/pretrain.json").read_text())
     assert metrics["steps"] == 30 and metrics["final_train_loss"] < 6.0
     for name in ("config.json", "tokenizer.json", "lineage.json"):
@@ -47,8 +53,6 @@ def test_same_params_give_bitwise_identical_weights(project, tmp_path):
 
 
 def test_kill_9_midway_then_rerun_resumes_to_identical_weights(project, tmp_path):
-    import shutil
-
     write_params(project, pretrain={"steps": 80})  # long enough that the kill lands midway
     reference = tmp_path / "reference"
     shutil.copytree(project, reference)
@@ -106,8 +110,8 @@ def run_ids(ckpt_dir: Path) -> set[str]:
     return {json.loads((c / "state.json").read_text())["run_id"] for c in ckpt_dir.glob("step_*")}
 
 
-def test_rerun_after_finish_or_params_change(project, monkeypatch):
-    run_stage("pretrain", project)
+def test_rerun_after_finish_or_params_change(pretrained, monkeypatch):
+    project = pretrained  # the pretrain stage run through on DEBUG_PARAMS (30 steps)
     first = weights(project)
     ckpt_dir = project / "checkpoints/pretrain"
     (rid_a,) = run_ids(ckpt_dir)
@@ -172,8 +176,8 @@ def test_bad_params_one_line_exit_2_nothing_written(project, override, message):
     assert not (project / "models").exists() and not (project / "checkpoints").exists()
 
 
-def test_evaluate_reports_bpb_on_the_same_bytes_as_compressors(project):
-    run_stage("pretrain", project)
+def test_evaluate_reports_bpb_on_the_same_bytes_as_compressors(pretrained):
+    project = pretrained  # the pretrain stage run through on DEBUG_PARAMS
     run_stage("evaluate", project)
     m = json.loads((project / "metrics/eval.json").read_text())
     v = m["val"]
