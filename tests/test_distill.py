@@ -179,12 +179,12 @@ def test_teacher_init_refuses_what_does_not_fit(overrides, layers, how, message)
 
 
 @pytest.fixture(scope="module")
-def teacher_project(prepared_project, tmp_path_factory) -> Path:
-    """The prepared debug project with a debug teacher (pretrain stage, 10 steps)."""
+def teacher_project(pretrained_project, tmp_path_factory) -> Path:
+    """The prepared debug project with a debug teacher: the session's pretrain stage run
+    (conftest.pretrained_project), with this module's distill params."""
     dst = tmp_path_factory.mktemp("distill") / "project"
-    shutil.copytree(prepared_project, dst)
-    write_params(dst, pretrain={"steps": 10, "checkpoint_every": 10}, distill=DISTILL)
-    run_stage("pretrain", dst)
+    shutil.copytree(pretrained_project, dst)
+    write_params(dst, distill=DISTILL)
     return dst
 
 
@@ -269,7 +269,7 @@ def test_stage_writes_student_baseline_metrics_then_resume_is_bitwise(tproject, 
                       "trained on another tokenization (re-run pretrain on this data)"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tproject, monkeypatch, capsys, distill, change, message):
-    write_params(tproject, pretrain={"steps": 10}, distill={**DISTILL, **distill})
+    write_params(tproject, distill={**DISTILL, **distill})
     if change == "tokenizer":  # the data was prepared again with another tokenizer; the teacher is stale
         tok = tproject / "data/prepared/tokenizer.json"
         spec = json.loads(tok.read_text())
