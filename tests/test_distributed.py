@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import run_stage, stage_env, write_params
+from conftest import DEBUG_PARAMS, run_stage, stage_env, write_params
 
 from moeops.model.io import load_model_dir
 from moeops.train.data import get_batch, load_tokens
@@ -117,12 +117,12 @@ KILLED = {"steps": 30, "log_every": 1, "checkpoint_every": 5}
 
 
 @pytest.fixture(scope="module")
-def reference30(prepared_project, tmp_path_factory) -> Path:
-    project = tmp_path_factory.mktemp("single30") / "project"
-    shutil.copytree(prepared_project, project)
-    write_params(project, pretrain=KILLED)
-    run_stage("pretrain", project)
-    return project
+def reference30(pretrained_project) -> Path:
+    """One process, 30 steps, a checkpoint every 5: the session's pretrain run (conftest.pretrained_project,
+    DEBUG_PARAMS). KILLED differs from it in log_every only, which changes which steps are logged, not the
+    model (the last step is logged either way). Read-only."""
+    assert {**DEBUG_PARAMS["pretrain"], **KILLED, "log_every": 1} == {**DEBUG_PARAMS["pretrain"], "log_every": 1}
+    return pretrained_project
 
 
 def kill_one_rank_after(project: Path, step: int, **layout) -> tuple[subprocess.Popen, list[psutil.Process]]:
