@@ -69,6 +69,38 @@ def run_stage(name: str, cwd: Path, check: bool = True, **kw) -> subprocess.Comp
     return proc
 
 
+def run_stage_in_process(name: str, cwd: Path) -> subprocess.CompletedProcess:
+    """What `python -m stages.<name>` runs (run_main(main), which turns a UserError into `error: ...` on
+    stderr and its exit code) called in this process with `cwd` as the working directory: for the
+    refusals that stop before any work, without an interpreter start-up each (each test file keeps one
+    through a real process). Returns what run_stage returns; torch's thread count and determinism flag
+    are put back."""
+    import contextlib
+    import importlib
+    import io
+
+    import torch
+
+    from moeops.cli import run_main
+
+    main = importlib.import_module(f"stages.{name}").main
+    out, err, here = io.StringIO(), io.StringIO(), Path.cwd()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_main(main)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    return subprocess.CompletedProcess([sys.executable, "-m", f"stages.{name}"], code, out.getvalue(), err.getvalue())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
