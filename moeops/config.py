@@ -357,7 +357,8 @@ class EvaluateParams(Section):
 
 
 class QuantizeParams(Section):
-    # int8: dynamic (per-token activation) int8 MatMuls + the routed experts as 8-bit QMoE.
+    # int8: weight-only int8 MatMul weights (block-wise, decoded to fp32 once at session load; activations
+    # stay fp32, so a row's logits do not depend on its batch) + the routed experts as 8-bit QMoE.
     # int4: weight-only 4-bit MatMulNBits + the routed experts as 4-bit QMoE, both block-wise along K.
     int4_block_size: int = Field(32, ge=16)  # a power of two that divides every quantized input dimension
     int4_accuracy_level: int = Field(0, ge=0, le=4)  # MatMulNBits accuracy_level (4 = int8 activations)

@@ -136,14 +136,115 @@ def test_int8_variant(models):
     found, s = ops(models["int8"]), models["s8"]
     assert "MoE" not in found and [attr(n, "expert_weight_bits") for n in found["QMoE"]] == [8]
     assert attr(found["QMoE"][0], "block_size") is None  # per-channel experts: fp32-activation kernel
-    assert len(found["MatMulInteger"]) == 11 and "DynamicQuantizeLinear" in found
+    # weight-only: no activation is quantized (no DynamicQuantizeLinear / MatMulInteger / MatMulNBits)
+    assert not {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"} & set(found)
+    int8_weights = {t.name: t for t in onnx.load(str(models["int8"])).graph.initializer
+                    if t.data_type == TP.INT8}
+    decoded = [n for n in found["MatMul"] if n.input[1].endswith("_deq8")]
+    assert len(decoded) == 11 and len(found["Cast"]) == len(int8_weights) == 11
+    assert {n.input[0] for n in found["Cast"]} == set(int8_weights)
     assert [attr(n, "bits") for n in found["GatherBlockQuantized"]] == [8] and "Gather" not in found
     # the router projection stays fp32; the other fp32 MatMuls multiply two activations
     assert any(n.input[1] == "gate.weight" for n in found["MatMul"])
     assert s["qmoe_bits"] == [8] and s["bytes"] == models["int8"].stat().st_size
     assert s["size_ratio"] <= 0.30, s
     y = logits(models["int8"], models["ids"])
-    assert y.shape == models["ref"].shape and rel_err(y, models["ref"]) < 0.08
+    # fp32 activations: 0.037 measured (dynamic int8 with 7-bit weights: 0.05-0.09, CPU dependent)
+    assert y.shape == models["ref"].shape and rel_err(y, models["ref"]) < 0.05
+
+
+def test_int8_weights_are_decoded_once_at_load(models, tmp_path):
+    """ONNX Runtime's constant folding turns each Cast·Mul·Reshape of int8 codes into one fp32 weight
+    when the session is built (what makes int8 run at fp32 speed): the optimized graph has no int8
+    tensor and no Cast left."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3  # the "hardware-specific optimizations" warning of a saved graph
+    ort.InferenceSession(str(models["int8"]), opts, providers=["CPUExecutionProvider"])
+    opt = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert "Cast" not in {n.op_type for n in opt.graph.node}
+    assert not [t.name for t in opt.graph.initializer if t.data_type == TP.INT8]
+
+
+@pytest.mark.parametrize("block", [0, 16])
+def test_int8_matmul_equals_a_numpy_dequantization(tmp_path, block):
+    """One MatMul through quantize_int8: ORT's output equals x @ W_deq, W_deq decoded here from the
+    stored int8 codes [K/b, b, N] and scales [K/b, 1, N] (block 0: the largest power of two <= 128
+    dividing K = 96, i.e. 32), and W_deq is the round-to-nearest of W."""
+    k, n = 96, 40
+    rng = np.random.default_rng(6)
+    w_KN = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                     [h.make_tensor_value_info("x", TP.FLOAT, ["M", k])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, ["M", n])], [nh.from_array(w_KN, "w")])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save_model(model, tmp_path / "fp32.onnx")
+    q.quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", block_size=block)
+    init = {t.name: nh.to_array(t) for t in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer}
+    codes, scales = init["w_q8"], init["w_scales8"]
+    b = block or 32
+    assert codes.dtype == np.int8 and codes.shape == (k // b, b, n) and scales.shape == (k // b, 1, n)
+    w_deq = (codes.astype(np.float32) * scales).reshape(k, n)
+    assert 0 < np.abs(w_deq - w_KN).max() <= 0.5 * np.abs(scales).max() + 1e-7  # round to nearest
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    (y,) = session(tmp_path / "int8.onnx").run(None, {"x": x})
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w_deq.astype(np.float64), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="int8 block_size 64: .* K = 96 of 'w'"):
+        q.quantize_int8(tmp_path / "fp32.onnx", tmp_path / "bad.onnx", block_size=64)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_int8_decoder_is_batch_invariant(tmp_path):
+    """A request's logprobs must not depend on what it is batched with (continuous batching in the
+    server): each prompt alone vs inside a left-padded batch of 8 with other prompts, prefill then 4
+    cached decode steps fed the same tokens, on a debug decoder exported and quantized to int8."""
+    import torch
+
+    from moeops.config import make_model_args
+    from moeops.export.onnx import export_onnx
+    from moeops.model.transformer import build_model
+    from moeops.ort import OnnxLM
+
+    model = build_model(make_model_args("debug", {"max_seq_len": 64}), seed=2).eval()
+    with torch.no_grad():  # token-dependent routing
+        for moe in model.moe_layers():
+            moe.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    export_onnx(model, tmp_path / "fp32.onnx")
+    q.quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
+    lm = OnnxLM(tmp_path / "int8.onnx", threads=1)
+    rng = np.random.default_rng(4)
+    vocab, steps = model.args.vocab_size, 4
+    prompts = [rng.integers(0, vocab, n) for n in (3, 17, 9, 1, 12, 5, 17, 7)]
+    feed = rng.integers(0, vocab, (len(prompts), steps))  # the decode steps' tokens, the same both ways
+
+    def logprobs(z):
+        return torch.log_softmax(torch.from_numpy(z).double(), -1).numpy()
+
+    alone = []
+    for p, f in zip(prompts, feed):
+        z, past = lm.step(p[None], np.ones((1, len(p)), np.int64), None)
+        out = [logprobs(z[0, -1])]
+        for s in range(steps):
+            z, past = lm.step(f[None, s:s + 1], np.ones((1, len(p) + s + 1), np.int64), past)
+            out.append(logprobs(z[0, -1]))
+        alone.append(np.stack(out))
+    width = max(len(p) for p in prompts)
+    ids = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
+    mask = (np.arange(width) >= np.array([[width - len(p)] for p in prompts])).astype(np.int64)
+    z, past = lm.step(ids, mask, None)
+    batched = [logprobs(z[:, -1])]
+    for s in range(steps):
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], 1)
+        z, past = lm.step(feed[:, s:s + 1], mask, past)
+        batched.append(logprobs(z[:, -1]))
+    batched = np.stack(batched, 1)
+    for i, a in enumerate(alone):
+        assert np.abs(batched[i] - a).max() <= 1e-4, f"prompt {i}"
+        assert (batched[i].argmax(-1) == a.argmax(-1)).all()
 
 
 def test_int4_variant(models):

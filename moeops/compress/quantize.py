@@ -1,13 +1,26 @@
 """Post-training quantization of the exported fp32 ONNX decoder into an int8 and an int4 variant.
 
-int8  every MatMul with a constant weight → dynamic int8 (ONNX Runtime `quantize_dynamic`: int8
-      weights per output channel in 7 bits (reduce_range), uint8 activations quantized per call; ORT
-      fuses the result into DynamicQuantizeMatMul at load time); the token embedding →
+int8  weight-only: every MatMul with a constant weight stores it as int8 codes + one fp32 scale per
+      block along K (symmetric; block 0 = per MatMul the largest power of two <= 128 dividing K)
+      decoded by Cast → Mul → Reshape, which ONNX Runtime's constant folding runs once at session
+      load: the file holds int8, the MatMul runs in fp32 at fp32 speed; the token embedding →
       GatherBlockQuantized (uint8, 8 bits, one scale per row); every routed-expert `MoE` → `QMoE`
-      with 8-bit per-channel experts.
+      with 8-bit per-channel experts. No activation is quantized, so a row's logits do not depend on
+      the other rows of its batch (continuous batching must not change a request's tokens).
 int4  weight-only, block-wise along K: MatMul → MatMulNBits (4 bits, asymmetric: a zero point per
       block, `block_size`, `accuracy_level`), embedding → GatherBlockQuantized (4 bits, symmetric),
       `MoE` → `QMoE` with 4-bit symmetric block-wise experts.
+
+Why int8 MatMuls are not int8 kernels (measured on the real student, AMD EPYC AVX2 without VNNI,
+ORT 1.32): dynamic int8 (`quantize_dynamic`: DynamicQuantizeLinear + MatMulInteger) quantizes the
+activations per tensor, so a row's logits moved by up to 0.85 (logprobs 0.54) with its batch-mates
+and greedy tokens changed. MatMulNBits bits=8 is row-independent, but with fp32 activations
+(accuracy_level 0) it decodes its weights on every call (decode 3-6x slower at batch 1), and with
+int8 activations (accuracy_level 4, quantized per row and block) prefill is 1.6-2.5x slower.
+Decoding once at load is row-independent, as accurate as MatMulNBits with fp32 activations, and
+then runs the fp32 graph's own MatMuls: single-threaded 12-46% slower than dynamic int8's u8×s8
+kernels, at 2 threads within run-to-run noise of them. The price is fp32 dense weights in RAM
+(+5 MB on the student; the routed experts and the embedding stay 8-bit in memory).
 
 What stays fp32, on purpose: the router projections (the MatMuls whose output reaches a MoE node's
 router input). They are tiny (D·E weights a layer) and a rounding error there changes which experts
@@ -28,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -51,25 +63,17 @@ _QMOE_IN = {"input": 0, "router_probs": 1, "fc1_w": 2, "fc1_s": 3, "fc1_b": 4, "
 # ----------------------------------------------------------------- public API
 
 
-def quantize_int8(src: str | Path, dst: str | Path) -> dict:
-    """fp32 ONNX at `src` → int8 ONNX at `dst` (one file, written atomically). Returns
+def quantize_int8(src: str | Path, dst: str | Path, block_size: int = 0) -> dict:
+    """fp32 ONNX at `src` → weight-only int8 ONNX at `dst` (one file, written atomically).
+    `block_size` 0: per MatMul the largest power of two <= 128 dividing its K; otherwise a power of
+    two >= 16 dividing every quantized K (ValueError before anything is written). On the student,
+    blocks of 16, 32 and the default scored the same val bits-per-byte (within 3e-5) and run at the
+    same speed (decoded at load); the default is the smallest file. Returns
     {"bytes", "fp32_bytes", "size_ratio", "ops": {op_type: count}, "qmoe_bits": [...]}."""
-    QuantType, quantize_dynamic, _ = _ort_quantization()
     src, dst = Path(src), Path(dst)
     model = _load(src)
     _canonicalize(model)
-    routers = _router_matmuls(model.graph)
-    with tempfile.TemporaryDirectory(prefix="moeops-quantize-") as tmp:
-        staged, out = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save_model(model, staged)
-        with _quiet_ort_logs():
-            # reduce_range: 7-bit weights, so the u8×s8 products cannot saturate the 16-bit
-            # intermediate sums of AVX2 CPUs without VNNI (measured on a debug model: relative logit
-            # error 0.087 → 0.053 there); the artifact is then accurate on every CPU it is served on.
-            quantize_dynamic(staged, out, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=sorted(routers),
-                             extra_options={"MatMulConstBOnly": True})
-        model = onnx.load(out)
+    _int8_matmul_weights(model.graph, block_size)
     _quantize_embeddings(model.graph, bits=8, block_size=0)  # 8 bits: one scale per row (block = D)
     _replace_moe(model.graph, bits=8, block_size=0, accuracy_level=0)
     return _finish(model, src, dst)
@@ -80,7 +84,7 @@ def quantize_int4(src: str | Path, dst: str | Path, block_size: int, accuracy_le
     (MatMulNBits `accuracy_level` 0/1: fp32 activations, 4: int8 activations). UserError, before
     anything is written, when `block_size` does not divide a quantized input dimension. Returns the
     same summary as `quantize_int8`."""
-    _, _, MatMulNBitsQuantizer = _ort_quantization()
+    MatMulNBitsQuantizer = _ort_quantization()
     src, dst = Path(src), Path(dst)
     model = _load(src)
     _canonicalize(model)
@@ -125,17 +129,16 @@ def summarize(path: str | Path) -> dict:
 
 
 def _ort_quantization():
-    """Import ORT's quantizers without their import-time side effect: matmul_nbits_quantizer calls
-    logging.basicConfig(level=INFO), which would turn on INFO logging for the whole process."""
+    """Import ORT's MatMulNBits quantizer without its import-time side effect: matmul_nbits_quantizer
+    calls logging.basicConfig(level=INFO), which would turn on INFO logging for the whole process."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
-    return QuantType, quantize_dynamic, MatMulNBitsQuantizer
+    return MatMulNBitsQuantizer
 
 
 # ----------------------------------------------------------------- graph plumbing
@@ -338,6 +341,49 @@ def _largest_pow2_block(d: int) -> int | None:
     while b >= 16 and d % b:
         b //= 2
     return b if b >= 16 else None
+
+
+def _int8_matmul_weights(graph: onnx.GraphProto, block_size: int) -> None:
+    """Every MatMul's constant weight W [.., K, N] (leading dims 1), routers excepted → int8 codes
+    q [K/b, b, N] and fp32 scales s [K/b, 1, N] (quantize_symmetric along K) with W = Reshape(Cast(q)
+    · s): nodes on initializers only, which ONNX Runtime folds into one fp32 weight at session load.
+    `block_size` 0: per weight the largest power of two <= 128 dividing K (a K with none: one block)."""
+    inits = _initializers(graph)
+    routers = _router_matmuls(graph)
+    decoded: dict[str, str] = {}  # weight initializer → its decoded tensor (a weight shared by MatMuls once)
+    new_nodes = []
+    for n in graph.node:
+        if n.op_type != "MatMul" or n.name in routers or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        w = n.input[1]
+        if w not in decoded:
+            t = inits[w]
+            if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) < 2 or any(d != 1 for d in t.dims[:-2]):
+                continue
+            w_KN = numpy_helper.to_array(t).reshape(t.dims[-2], t.dims[-1])
+            k, n_out = w_KN.shape
+            b = block_size or _largest_pow2_block(k) or k
+            if block_size and (block_size < 16 or block_size & (block_size - 1) or k % block_size):
+                raise ValueError(f"int8 block_size {block_size}: not a power of two >= 16 dividing K = {k} of {w!r}")
+            codes_NK, scales_NB = quantize_symmetric(np.ascontiguousarray(w_KN.T), 8, b)
+            q_BbN = (codes_NK.astype(np.int16) - 128).astype(np.int8).T.reshape(k // b, b, n_out)
+            s_B1N = scales_NB.T.reshape(k // b, 1, n_out)
+            graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(q_BbN), f"{w}_q8"),
+                                      numpy_helper.from_array(np.ascontiguousarray(s_B1N), f"{w}_scales8"),
+                                      numpy_helper.from_array(np.array(t.dims, np.int64), f"{w}_shape")])
+            new_nodes += [helper.make_node("Cast", [f"{w}_q8"], [f"{w}_q8f"], name=f"{w}_cast8",
+                                           to=onnx.TensorProto.FLOAT),
+                          helper.make_node("Mul", [f"{w}_q8f", f"{w}_scales8"], [f"{w}_deq8_blocks"],
+                                           name=f"{w}_scale8"),
+                          helper.make_node("Reshape", [f"{w}_deq8_blocks", f"{w}_shape"], [f"{w}_deq8"],
+                                           name=f"{w}_reshape8")]
+            decoded[w] = f"{w}_deq8"
+        n.input[1] = decoded[w]
+    if new_nodes:  # their inputs are initializers only: first in topological order
+        nodes = new_nodes + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
 
 
 def _replace_moe(graph: onnx.GraphProto, bits: int, block_size: int, accuracy_level: int) -> None:
