@@ -287,24 +287,18 @@ def ort_io(args) -> list[tuple[str, str, list[int]]]:
     return [(a.name, ORT_TYPE[a.type], [d if isinstance(d, int) else -1 for d in a.shape[1:]]) for a in args]
 
 
-def test_config_of_the_real_debug_export_matches_its_graph(tmp_path):
-    """The debug student exported and quantized as the export stage does (int8, the default
-    export.triton_variant); config.pbtxt parsed by protobuf against Triton's schema, compared
-    with the graph ONNX Runtime loads from the repository."""
-    import torch
+def test_config_of_the_real_debug_export_matches_its_graph(exported_project, tmp_path):
+    """A debug student exported and quantized by the real quantize and export stages (conftest's
+    session-wide exported_project: int8, the default export.triton_variant); config.pbtxt parsed by
+    protobuf against Triton's schema, compared with the graph ONNX Runtime loads from the repository."""
     from google.protobuf import text_format
 
-    from moeops.compress.quantize import quantize_int8
-    from moeops.config import make_model_args
-    from moeops.export.onnx import export_onnx
-    from moeops.model.transformer import build_model
+    from moeops.config import load_model_args
 
-    args = make_model_args("debug", {"vocab_size": 96, "max_seq_len": 32})
-    torch.manual_seed(0)
-    export_onnx(build_model(args, seed=0).eval(), tmp_path / "fp32.onnx")
-    quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8" / "model.onnx")
+    int8 = exported_project / "exports/onnx/int8"
+    args = load_model_args(int8 / "config.json")
     out = tmp_path / "triton"
-    write_triton_repo(tmp_path / "int8" / "model.onnx", out, "moeops", max_batch_size=8, max_queue_delay_us=2000)
+    write_triton_repo(int8 / "model.onnx", out, "moeops", max_batch_size=8, max_queue_delay_us=2000)
     cfg = text_format.Parse((out / "moeops/config.pbtxt").read_text(), model_config_class()())
     session = ort.InferenceSession(str(out / "moeops/1/model.onnx"), providers=["CPUExecutionProvider"])
     enum = cfg.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"].enum_type
