@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from conftest import REPO, run_stage, stage_env
+from conftest import REPO, run_stage, run_stage_in_process, stage_env
 
 from moeops.cli import UserError
 from moeops.config import GateParams
@@ -48,8 +48,11 @@ def one_line_exit_2(proc: subprocess.CompletedProcess, *parts: str) -> str:
     return err
 
 
-def refuse_gate(project: Path, *parts: str) -> str:
-    err = one_line_exit_2(run_stage("gate", project, check=False), *parts)
+def refuse_gate(project: Path, *parts: str, process: bool = False) -> str:
+    """The gate stage's refusal: through its entry point in this process (conftest.run_stage_in_process), or
+    as a real `python -m stages.gate` process (one test below)."""
+    proc = run_stage("gate", project, check=False) if process else run_stage_in_process("gate", project)
+    err = one_line_exit_2(proc, *parts)
     assert not (project / "metrics/gate.json").exists() and not (project / "reports/gate.md").exists()
     return err
 
@@ -123,7 +126,7 @@ def test_a_nudged_int8_scale_that_still_loads_is_refused_naming_both_hashes(copy
     OnnxLM(path, threads=1)  # still a loadable model: only the checksum can tell
     recorded = json.loads((copy / INT8 / "lineage.json").read_text())["checksums"]["model.onnx"]
     assert recorded == before
-    refuse_gate(copy, f"{INT8 / 'model.onnx'}: fails its checksum", sha256_file(path), recorded)
+    refuse_gate(copy, f"{INT8 / 'model.onnx'}: fails its checksum", sha256_file(path), recorded, process=True)
 
 
 def test_a_candidate_without_lineage_is_refused(copy):
