@@ -174,11 +174,8 @@ def serve(args: argparse.Namespace) -> None:
                  name, engine.version, engine.variant, params.host, params.port, total, since,
                  engine.load_seconds, engine.warmup_seconds, "hit" if engine.cache_hit else "miss")
         if params.watch_interval_s > 0:
-            try:
-                from moeops.serve.watch import AliasWatcher
-            except ModuleNotFoundError:
-                log.info("no moeops.serve.watch: hot reload is off")
-                return
+            from moeops.serve.watch import AliasWatcher
+
             watcher = AliasWatcher(root, name, args.alias, router, lambda d, v: make_engine(d, v, params),
                                    params.watch_interval_s, drain_timeout_s=params.drain_timeout_s)
             state["watcher"] = watcher
