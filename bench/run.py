@@ -29,7 +29,7 @@ BENCHES: dict[str, tuple[str, list[str], str, str]] = {
     "balance": ("bench.balance", ["--steps", "120", "--warmup", "40"], "30 min", "data/prepared"),
     "gate_registry": ("bench.gate_registry", ["--repeats", "3"], "13 min", "make pipeline's exports and metrics"),
     "pipeline": ("bench.pipeline", [], "32 min", "a committed checkout (runs `dvc repro` in a fresh clone)"),
-    "serve": ("bench.serve", ["--repeats", "3"], "8 min", "make pipeline's exports and data/prepared"),
+    "serve": ("bench.serve", ["--repeats", "3"], "6 min", "make pipeline's exports and data/prepared"),
 }
 DEFAULT = ["train_step", "tokenize"]
 

@@ -317,7 +317,7 @@ def _byte_decoder() -> dict[str, int]:
 
 
 @functools.lru_cache(maxsize=4)  # one per loaded tokenizer; hot reload holds two at once
-def _vocab_bytes(tokenizer) -> tuple[bytes, ...]:
+def vocab_bytes(tokenizer) -> tuple[bytes, ...]:
     """The bytes each token id stands for (a byte-level BPE token may be part of a UTF-8 character)."""
     decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
     byte_level = decoder.get("type") == "ByteLevel"
@@ -339,7 +339,7 @@ class Detok:
     """Token ids -> text pieces whose concatenation is the decoded text, fed incrementally (streams)."""
 
     def __init__(self, tokenizer) -> None:
-        self.vocab = _vocab_bytes(tokenizer)
+        self.vocab = vocab_bytes(tokenizer)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:

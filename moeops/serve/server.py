@@ -91,6 +91,9 @@ def make_engine(version_dir: Path, version: str, serve: ServeParams):
                     cache_dir=Path(serve.cache_dir) if serve.cache_dir else None, warmup=serve.warmup,
                     scheduling=serve.scheduling)
     engine.start()
+    from moeops.serve.app import vocab_bytes
+
+    vocab_bytes(engine.tokenizer)  # the token-bytes table every response uses: built now, not on the first request
     return engine
 
 
