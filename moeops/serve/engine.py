@@ -216,6 +216,9 @@ def open_session(model: Path, sha256: str, cache_dir: Path | None, threads: int)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # ORT's idle workers spin between runs; here they would take the cores the event loop (HTTP, SSE)
+        # needs between decode steps (measured under load: +25-30% output tokens/s at saturation without)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                          else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         if save is not None:
