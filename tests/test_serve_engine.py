@@ -113,9 +113,10 @@ def run_alone_and_batched(engine: Engine, prompts, max_tokens, sampling: dict):
 
 
 def wait_idle(engine: Engine, timeout_s: float = 10.0) -> bool:
-    """True once nothing runs or waits (a cancelled row leaves at the scheduler's next step)."""
+    """True once nothing runs, waits or is being prefilled (a cancelled row leaves at the scheduler's next
+    step; a newcomer taken from the queue is in neither count until its prefill ends, hence _inflight)."""
     deadline = time.monotonic() + timeout_s
-    while engine.stats() != {"running": 0, "waiting": 0, "kv_cache_bytes": 0}:
+    while engine.stats() != {"running": 0, "waiting": 0, "kv_cache_bytes": 0} or engine._inflight:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.005)
