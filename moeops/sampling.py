@@ -7,7 +7,10 @@ import numpy as np
 
 def sample_next(logits_BV: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
     """Greedy when temperature is 0; otherwise sample from the smallest set of tokens whose
-    probability reaches top_p (always at least the most likely one)."""
+    probability reaches top_p (always at least the most likely one). The draw is among the kept
+    tokens in token-id order, not probability order: batching moves logits by ~1e-6, which can swap
+    two near-equal tokens in the probability order and so change which token the same random draw
+    lands on; in id order a seeded request samples the same tokens alone or batched."""
     if temperature <= 0:
         return logits_BV.argmax(-1)
     z_BV = logits_BV.astype(np.float64) / temperature
@@ -18,7 +21,7 @@ def sample_next(logits_BV: np.ndarray, temperature: float, top_p: float, rng: np
         order_V = np.argsort(-probs_V, kind="stable")
         cum_V = np.cumsum(probs_V[order_V])
         keep = int(np.searchsorted(cum_V, top_p)) + 1  # tokens up to the one that reaches top_p
-        kept = order_V[:keep]
+        kept = np.sort(order_V[:keep])
         out[b] = rng.choice(kept, p=probs_V[kept] / probs_V[kept].sum())
     return out
 

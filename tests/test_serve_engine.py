@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from moeops.sampling import sample_next
 from moeops.serve.engine import (
     Engine,
     EngineClosed,
@@ -25,7 +26,6 @@ from moeops.serve.engine import (
     SamplingParams,
     merge_caches,
     prefill_groups,
-    sample_token,
     stream_text,
     trim_padding,
 )
@@ -430,9 +430,9 @@ def test_seeded_sampling_ignores_float_noise_in_the_probability_order():
     a_V[3] += 1e-6
     b_V[7] += 1e-6
     for seed in range(200):
-        picks = [sample_token(x_V, 0.8, 0.9, np.random.default_rng(seed)) for x_V in (a_V, b_V)]
+        picks = [sample_next(x_V[None], 0.8, 0.9, np.random.default_rng(seed))[0] for x_V in (a_V, b_V)]
         assert picks[0] == picks[1], seed
-    assert sample_token(a_V, 0.0, 1.0, np.random.default_rng(0)) == int(a_V.argmax())
+    assert sample_next(a_V[None], 0.0, 1.0, np.random.default_rng(0))[0] == int(a_V.argmax())
 
 
 def test_an_unusable_cached_graph_is_rebuilt(fp32_dir, tmp_path, caplog):

@@ -34,7 +34,7 @@ import numpy as np
 from moeops.cli import UserError
 from moeops.lineage import recorded_checksums, verify_checksums
 from moeops.ort import first_line, io_names, ort_errors
-from moeops.sampling import left_pad
+from moeops.sampling import left_pad, sample_next
 from moeops.serve import metrics
 
 log = logging.getLogger(__name__)
@@ -169,22 +169,6 @@ def stream_text(text: str, emitted: int, stop: tuple[str, ...], final: bool) -> 
         return text[emitted:end], end, True
     end = max(len(text) - (0 if final else held_back(text, stop)), emitted)
     return text[emitted:end], end, False
-
-
-def sample_token(logits_V: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy (argmax) at temperature 0, else top-p sampling as moeops.sampling.sample_next does, but
-    drawn among the kept tokens in token-id order rather than probability order: batching moves logits
-    by ~1e-6, which can swap two near-equal tail tokens in the probability order and so change which
-    token the same random draw lands on; in id order a seeded request samples the same tokens alone or
-    batched."""
-    if temperature <= 0:
-        return int(logits_V.argmax())
-    z_V = logits_V.astype(np.float64) / temperature
-    probs_V = np.exp(z_V - z_V.max())
-    probs_V /= probs_V.sum()
-    order_V = np.argsort(-probs_V, kind="stable")
-    kept = np.sort(order_V[:int(np.searchsorted(np.cumsum(probs_V[order_V]), top_p)) + 1])
-    return int(rng.choice(kept, p=probs_V[kept] / probs_V[kept].sum()))
 
 
 def log_softmax(logits_V: np.ndarray) -> np.ndarray:
@@ -552,7 +536,7 @@ class Engine:
     def _next_token(self, r: _Request, logits_V: np.ndarray, prompt_lp=None) -> int | None:
         """Sample and send a row's next token; the token to feed next, or None when the sequence ended."""
         p = r.params
-        token = sample_token(logits_V, p.temperature, p.top_p, r.rng)
+        token = int(sample_next(logits_V[None], p.temperature, p.top_p, r.rng)[0])
         now = time.monotonic()
         (self._m_itl if r.last_token_at else self._m_ttft).observe(now - (r.last_token_at or r.arrival))
         r.last_token_at = now
