@@ -450,6 +450,54 @@ class ServeParams(Section):
     watch_interval_s: float = Field(2.0, ge=0)  # poll the registry alias (hot reload); 0 = never
     drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: how long in-flight requests may take to finish
     scheduling: Literal["continuous", "static"] = "continuous"  # static: a batch runs to completion (benchmarks)
+    tenants: str = ""  # tenants.yaml (API keys by sha256, weights, limits); "" = no tenants: an open API
+    fairness: Literal["vtc", "fcfs"] = "vtc"  # admission order across tenants; fcfs: arrival order (the control)
+
+
+class AnalysisParams(Section):
+    interval_s: float = Field(30.0, gt=0)  # one measurement every interval_s, over the last interval_s
+    count: int = Field(5, ge=1)  # measurements in this analysis
+
+
+class RolloutStep(Section):
+    """One step of the canary: exactly one of set_weight (percent of requests to the challenger),
+    analyze, promote."""
+
+    set_weight: int | None = Field(None, ge=0, le=100)
+    analyze: AnalysisParams | None = None
+    promote: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if sum(v is not None for v in (self.set_weight, self.analyze, self.promote)) != 1:
+            raise ValueError("a step has exactly one of set_weight, analyze, promote")
+        if self.promote is False:
+            raise ValueError("promote: only `promote: true` is a step")
+        return self
+
+
+def _default_steps() -> list[RolloutStep]:
+    return [RolloutStep(analyze=AnalysisParams()), RolloutStep(set_weight=50), RolloutStep(analyze=AnalysisParams()),
+            RolloutStep(promote=True)]
+
+
+class RolloutParams(Section):
+    """Progressive delivery (flows/rollout.py): a gate-passing candidate becomes the challenger, takes
+    traffic_ratio of live requests, and becomes champion only when every analysis passes."""
+
+    canary: bool = True  # false: a passing gate promotes at once (no canary)
+    traffic_ratio: float = Field(0.1, ge=0, le=1)  # the challenger's share when the gate registers it
+    steps: list[RolloutStep] = Field(default_factory=_default_steps)  # after traffic_ratio; Argo Rollouts-style
+    prometheus_url: str = "http://127.0.0.1:9090"  # scrapes the server(s); `make prometheus` starts one here
+    pushgateway_url: str = "http://127.0.0.1:9091"  # the quality probe's result is pushed here, scraped from there
+    server_url: str = "http://127.0.0.1:8000"  # the quality probe calls this server's /v1/completions
+    max_error_rate: float = Field(0.05, ge=0, le=1)  # canary 5xx / requests over an interval
+    max_latency_ratio: float = Field(1.5, gt=0)  # canary p95 TTFT and p95 inter-token latency over stable's
+    min_requests: int = Field(5, ge=1)  # fewer canary requests in an interval: inconclusive, never a pass
+    probe_documents: int = Field(16, ge=2)  # held-out val documents scored through both versions, paired
+    probe_max_tokens: int = Field(128, ge=8)  # tokens of each probe document
+    failure_limit: int = Field(0, ge=0)  # failed measurements tolerated in one analysis (Argo: failureLimit)
+    consecutive_error_limit: int = Field(4, ge=0)  # measurements that could not be taken in a row (Argo: 4)
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -464,6 +512,7 @@ SECTIONS: dict[str, type[Section]] = {
     "registry": RegistryParams,
     "flow": FlowParams,
     "serve": ServeParams,
+    "rollout": RolloutParams,
 }
 
 

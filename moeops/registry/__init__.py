@@ -8,11 +8,13 @@ from moeops.registry.store import (
     promote,
     register,
     register_champion,
+    reject,
     resolve,
     rollback,
+    set_challenger_weight,
     show,
     verify,
 )
 
-__all__ = ["champion", "history", "list_models", "promote", "register", "register_champion", "resolve", "rollback",
-           "show", "verify"]
+__all__ = ["champion", "history", "list_models", "promote", "register", "register_champion", "reject", "resolve",
+           "rollback", "set_challenger_weight", "show", "verify"]

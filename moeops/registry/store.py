@@ -5,7 +5,10 @@ Layout under `root`:
   versions/<name>/v<N>/       the registered files + manifest.json; never modified after the rename that creates it
       manifest.json           {name, version, created_at, files: {relpath: {sha256, size}}, lineage, metrics,
                                sha256}: the last one is the sha256 of the rest, so an edited manifest is caught too
-  aliases/<name>.json         {"champion": "v3" | null, "challenger": "v4" | null, "previous": ["v1", "v2"]}
+  aliases/<name>.json         {"champion": "v3" | null, "challenger": "v4" | null, "previous": ["v1", "v2"],
+                               "challenger_weight": 0.1}
+                              challenger_weight: the share of requests a server routes to the challenger (canary;
+                              0 when absent); registering a challenger, promoting or rejecting it resets it to 0
                               `previous` is the champion history (a stack, oldest first): promote pushes the old
                               champion, rollback pops it back
   audit.jsonl                 one fsynced JSON line per change: time (UTC), action, name, from, to, reason, user, pid
@@ -185,10 +188,14 @@ def _read_aliases(root: Path, name: str) -> dict[str, Any]:
         raise UserError(f"{path}: unreadable aliases file ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: malformed aliases file (edited by hand?)")
-    out = {"champion": data.get("champion"), "challenger": data.get("challenger"), "previous": data.get("previous", [])}
+    out = {"champion": data.get("champion"), "challenger": data.get("challenger"), "previous": data.get("previous", []),
+           "challenger_weight": data.get("challenger_weight", 0.0)}
     vs = [out["champion"], out["challenger"], *out["previous"]] if isinstance(out["previous"], list) else [0]
     if not all(v is None or (isinstance(v, str) and VERSION_RE.fullmatch(v)) for v in vs) or None in out["previous"]:
         raise UserError(f"{path}: malformed aliases file (edited by hand?)")
+    weight = out["challenger_weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise UserError(f"{path}: challenger_weight: expected a number in [0, 1], got {weight!r}")
     return out
 
 
@@ -465,7 +472,7 @@ def _register(root: str | Path, name: str, files: Mapping[str, str | Path], line
             fsync_dir(vroot)
             aliases = _read_aliases(root, name)
             old = aliases["challenger"]
-            aliases["challenger"] = version
+            aliases["challenger"], aliases["challenger_weight"] = version, 0.0
             _write_aliases(root, name, aliases)
             _append_audit(root, "register", name, old, version, reason)
             if promote:
@@ -511,7 +518,7 @@ def _set_champion(root: Path, name: str, version: str, reason: str, gto_repo: st
         aliases["previous"].append(old)
     aliases["champion"] = version
     if aliases["challenger"] == version:
-        aliases["challenger"] = None
+        aliases["challenger"], aliases["challenger_weight"] = None, 0.0
     _write_aliases(root, name, aliases)
     _append_audit(root, "promote", name, old, version, reason)
     _tag(gto_repo, root, name, version, reason, old)
@@ -533,6 +540,41 @@ def rollback(root: str | Path, name: str, reason: str, *, gto_repo: str | Path |
         _append_audit(root, "rollback", name, cur, prev, reason)
         _tag(gto_repo, root, name, prev, f"rollback: {reason}", cur)
     return prev
+
+
+def set_challenger_weight(root: str | Path, name: str, weight: float, reason: str) -> str:
+    """Route `weight` (0..1) of the requests of every server following this registry to the challenger (one atomic
+    alias write, one audit line "weight"). Returns the challenger's version; no challenger is an error."""
+    check_name(name)
+    _check_reason(reason)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise UserError(f"{name}: challenger weight {weight!r} is not a number in [0, 1]")
+    root = _existing_root(root)
+    with registry_lock(root):
+        aliases = _read_aliases(root, name)
+        if aliases["challenger"] is None:
+            raise UserError(f"{name}: no challenger to route traffic to")
+        old, aliases["challenger_weight"] = aliases["challenger_weight"], float(weight)
+        _write_aliases(root, name, aliases)
+        _append_audit(root, "weight", name, f"{aliases['challenger']}@{old:g}", f"{aliases['challenger']}@{weight:g}",
+                      reason)
+    return aliases["challenger"]
+
+
+def reject(root: str | Path, name: str, version: str, reason: str) -> None:
+    """The challenger `version` failed its canary: weight 0 and no challenger, in one alias write; the audit line
+    ("reject") carries the reason (which metric failed, its values and thresholds). The champion is untouched."""
+    check_name(name)
+    check_version(version)
+    _check_reason(reason)
+    root = _existing_root(root)
+    with registry_lock(root):
+        aliases = _read_aliases(root, name)
+        if aliases["challenger"] != version:
+            raise UserError(f"{name} {version}: not the challenger (the challenger is {aliases['challenger']})")
+        aliases["challenger"], aliases["challenger_weight"] = None, 0.0
+        _write_aliases(root, name, aliases)
+        _append_audit(root, "reject", name, version, aliases["champion"], reason)
 
 
 def champion(root: str | Path, name: str) -> str | None:

@@ -33,6 +33,18 @@ LOAD_SECONDS = Gauge("moeops_model_load_seconds", "Verified files to ONNX Runtim
 WARMUP_SECONDS = Gauge("moeops_model_warmup_seconds", "Warm-up runs before ready", VERSION)
 MODEL_INFO = Gauge("moeops_model_info", "1 for each loaded model version", ("model_version", "variant", "sha256"))
 
+# Tenants (serve.tenants): the label is a name from tenants.yaml (a fixed set), "" without tenants
+TENANT = ("tenant",)
+TENANT_PROMPT_TOKENS = Counter("moeops_tenant_prompt_tokens", "Prompt tokens prefilled, by tenant", TENANT)
+TENANT_GENERATION_TOKENS = Counter("moeops_tenant_generation_tokens", "Tokens generated, by tenant", TENANT)
+TENANT_TIME_TO_FIRST_TOKEN = Histogram("moeops_tenant_time_to_first_token_seconds", "Arrival to first token, by tenant",
+                                       TENANT, buckets=_LATENCY)
+TENANT_WAITING = Gauge("moeops_tenant_requests_waiting", "Requests queued, by tenant", ("model_version", "tenant"))
+TENANT_RUNNING = Gauge("moeops_tenant_requests_running", "Sequences in the running batch, by tenant",
+                       ("model_version", "tenant"))
+RATE_LIMITED = Counter("moeops_rate_limited", "Requests refused with 429 by a tenant limit",
+                       ("tenant", "limit"))  # limit: requests_per_minute | tokens_per_minute | max_concurrent
+
 _PER_VERSION_GAUGES = (RUNNING, WAITING, KV_CACHE_BYTES, LOAD_SECONDS, WARMUP_SECONDS)
 
 
