@@ -328,3 +328,22 @@ def server(served_registry, tmp_path_factory) -> str:
     proc, url = start_server(served_registry, tmp_path_factory.mktemp("server"))
     yield url
     stop_server(proc)
+
+
+# ----------------------------------------------------------------- Prometheus (moeops/prometheus.py)
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory):
+    """A real Prometheus + Pushgateway (Debian's packages: `make prometheus-install`) on free loopback ports for
+    the session, scraping every 1 s: `.url`, `.pushgateway_url`, `.add_target("127.0.0.1:PORT")`,
+    `.remove_target(...)`, `.wait_for_target(...)` (a new target is picked up within ~5 s: Prometheus applies
+    discovered targets on a 5 s tick), `.query(promql)` -> the HTTP API's result list. A test that starts a
+    server adds it as a target (and removes it when the server stops)."""
+    from moeops.prometheus import Prometheus
+
+    port = free_port()
+    pushgateway_port = free_port()
+    while pushgateway_port == port:
+        pushgateway_port = free_port()
+    with Prometheus(tmp_path_factory.mktemp("prometheus"), port, pushgateway_port, scrape_interval_s=1.0) as prom:
+        yield prom
