@@ -3,8 +3,9 @@ and, when the gate stage ran, promotion (flows.promote).
 
 DVC owns the DAG and the caching; this flow adds retries, a per-stage timeout, run history and
 logs in the Prefect UI, a table artifact of metrics/eval.json and a markdown artifact of the gate's
-decision. `python -m flows.pipeline` runs it on Prefect's ephemeral API (no server needed);
-flows.retrain serves it on a schedule.
+decision, then the canary when the gate made a challenger (flows.rollout; it ends inconclusive at
+once, the challenger left at weight 0, where no Prometheus or server runs). `python -m flows.pipeline`
+runs it on Prefect's ephemeral API (no server needed); flows.retrain serves it on a schedule.
 
 Why each stage runs in its own process group: Prefect only signals the flow process on a cancel,
 so child processes are orphaned (PrefectHQ/prefect#20979, #17593), and a sync task's timeout
@@ -223,6 +224,7 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, promote: bool = T
     listed, each stage alone), publish metrics/eval.json, then act on the gate's decision when the
     gate stage ran and `promote` is on. Returns {"eval": metrics, "promotion": result or None}."""
     from flows.promote import promote_task
+    from flows.rollout import rollout
 
     root = Path(repo).resolve()
     params = load_section("flow", root / "params.yaml")
@@ -232,6 +234,8 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, promote: bool = T
         stage_task(stage, root, params.stage_timeout_s)
     metrics = publish_metrics(root / "metrics" / "eval.json")
     promotion = promote_task(root / GATE, root) if promote and GATE_STAGE in todo else None
+    if promotion and promotion.get("challenger"):  # the canary (inconclusive at once without a server to measure)
+        promotion["rollout"] = rollout(repo=str(root), challenger=promotion["challenger"])
     return {"eval": metrics, "promotion": promotion}
 
 

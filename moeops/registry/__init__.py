@@ -7,6 +7,7 @@ from moeops.registry.store import (
     list_models,
     promote,
     register,
+    register_challenger,
     register_champion,
     reject,
     resolve,
@@ -16,5 +17,5 @@ from moeops.registry.store import (
     verify,
 )
 
-__all__ = ["champion", "history", "list_models", "promote", "register", "register_champion", "reject", "resolve",
-           "rollback", "set_challenger_weight", "show", "verify"]
+__all__ = ["champion", "history", "list_models", "promote", "register", "register_challenger", "register_champion",
+           "reject", "resolve", "rollback", "set_challenger_weight", "show", "verify"]

@@ -1,4 +1,4 @@
-"""python -m moeops.registry [--root DIR] list | show | promote | rollback | history | verify
+"""python -m moeops.registry [--root DIR] list | show | promote | rollback | weight | reject | history | verify
 (also `python -m moeops registry ...`). --root defaults to $MOEOPS_REGISTRY, else params.yaml's registry.root
 when run in a project, else ./registry."""
 
@@ -37,6 +37,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m moeops.registry")
             s.add_argument("version")
         s.add_argument("--reason", required=True, help="why (goes into the audit log)")
         s.add_argument("--gto-repo", help="also write GTO tags (name@vN.0.0, name#prod#K) in this git repository")
+    s = sub.add_parser("weight", help="route a share of the requests to the challenger (canary)")
+    s.add_argument("name")
+    s.add_argument("weight", type=float, help="0..1")
+    s.add_argument("--reason", required=True, help="why (goes into the audit log)")
+    s = sub.add_parser("reject", help="drop the challenger VERSION (weight 0); the champion is untouched")
+    s.add_argument("name")
+    s.add_argument("version")
+    s.add_argument("--reason", required=True, help="why (goes into the audit log)")
     s = sub.add_parser("history", help="the audit log of a model")
     s.add_argument("name")
     s = sub.add_parser("verify", help="check one version or all: every file against the manifest's sha256 and "
@@ -49,7 +57,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m moeops.registry")
     if a.cmd == "list":
         for m in store.list_models(a.root):
             print(f"{m['name']}: champion={m['champion'] or '-'} challenger={m['challenger'] or '-'} "
-                  f"previous={','.join(m['previous']) or '-'} versions={','.join(m['versions']) or '-'}")
+                  f"weight={m['challenger_weight']:g} previous={','.join(m['previous']) or '-'} "
+                  f"versions={','.join(m['versions']) or '-'}")
     elif a.cmd == "show":
         print(json.dumps(store.show(a.root, a.name, a.version), indent=2, sort_keys=True))
     elif a.cmd == "promote":
@@ -57,6 +66,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m moeops.registry")
         print(f"{a.name}: champion -> {a.version}")
     elif a.cmd == "rollback":
         print(f"{a.name}: champion -> {store.rollback(a.root, a.name, a.reason, gto_repo=a.gto_repo)}")
+    elif a.cmd == "weight":
+        version = store.set_challenger_weight(a.root, a.name, a.weight, a.reason)
+        print(f"{a.name}: challenger {version} weight -> {a.weight:g}")
+    elif a.cmd == "reject":
+        store.reject(a.root, a.name, a.version, a.reason)
+        print(f"{a.name}: challenger {a.version} rejected")
     elif a.cmd == "history":
         for e in store.history(a.root, a.name):
             print(json.dumps(e, sort_keys=True))

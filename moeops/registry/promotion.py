@@ -1,11 +1,15 @@
 """Act on the gate: `moeops promote --from-gate metrics/gate.json` (also `python -m flows.promote`).
 
 promote: register the run's artifacts as a new version (ONNX variants, HF export, tokenizer, eval
-metrics, gate report, lineage) and make it the champion, the old champion staying the rollback
-target; GTO tags too when `registry.gto_tags` is auto and the repository is a git repository.
-reject: the registry is untouched. Exit 0 = promoted (or already champion), 1 = rejected, 2 = bad
-input. The gate.json must describe the artifacts on disk (every input's sha256) and the champion
-it was compared with must still be the champion; otherwise nothing is registered.
+metrics, gate report, lineage). With `rollout.canary: true` (the default) and a champion to compare
+with, the new version becomes the **challenger** taking `rollout.traffic_ratio` of the requests, and
+only a passing canary (flows/rollout.py, which `python -m flows.promote` runs next) makes it champion.
+With `rollout.canary: false`, or no champion yet, it becomes the champion at once, the old champion
+staying the rollback target; GTO tags too when `registry.gto_tags` is auto and the repository is a
+git repository. reject: the registry is untouched. Exit 0 = promoted, registered as challenger (or
+already champion), 1 = rejected, 2 = bad input. The gate.json must describe the artifacts on disk
+(every input's sha256) and the champion it was compared with must still be the champion; otherwise
+nothing is registered.
 
 Chain of custody: every registered model directory (exports/onnx/*, exports/hf) must carry a
 lineage.json whose `checksums` its files match; the bytes copied into the registry must equal both
@@ -13,7 +17,8 @@ what the gate judged (gate.json lineage.inputs) and what the producing stage rec
 version's manifest keeps the latter as lineage.export_checksums, which `moeops registry verify` (and
 every resolve) checks again. The champion check, the registration and the alias move happen under
 one registry lock (store.register_champion), so of two promotions judged against the same champion
-only the first wins.
+only the first wins; a challenger's registration checks the champion under that lock the same way
+(store.register_challenger).
 """
 
 from __future__ import annotations
@@ -150,9 +155,9 @@ def same_model(champion_manifest: dict[str, Any], gate: dict[str, Any], files: d
 
 
 def promote_from_gate(gate_path: Path, repo: Path = Path(".")) -> dict[str, Any]:
-    """Register and promote on a `promote` decision, nothing on `reject`. Returns what happened:
-    {decision, champion, previous, version, reasons, registered}."""
-    from moeops.registry import champion, register_champion, show
+    """Register on a `promote` decision (as challenger for a canary, else as champion), nothing on `reject`.
+    Returns what happened: {decision, champion, previous, version, challenger, weight, reasons, registered}."""
+    from moeops.registry import champion, register_challenger, register_champion, show
     from moeops.registry.store import EXPORT_CHECKSUMS, ChampionChanged
 
     repo = repo.resolve()
@@ -161,8 +166,10 @@ def promote_from_gate(gate_path: Path, repo: Path = Path(".")) -> dict[str, Any]
     gate = read_gate(gate_path)
     current = champion(root, name)
     check_inputs(gate, gate_path, repo)
+    rollout = load_section("rollout", repo / "params.yaml")
     out = {"decision": gate["decision"], "reasons": gate.get("reasons", []), "name": name, "registry": str(root),
-           "previous": current, "champion": current, "version": None, "registered": False}
+           "previous": current, "champion": current, "version": None, "registered": False, "challenger": None,
+           "weight": 0.0}
     files = {dst: repo / src for dst, src in ARTIFACTS.items()}
     if gate["decision"] == "promote" and current and same_model(show(root, name, current), gate, files):
         return out | {"version": current, "reasons": [f"{name} {current} is this model already: nothing to do"]}
@@ -180,11 +187,18 @@ def promote_from_gate(gate_path: Path, repo: Path = Path(".")) -> dict[str, Any]
     lineage = version_lineage(repo, gate) | {EXPORT_CHECKSUMS: recorded}
     expected = {f"{gate_path.name} lineage.inputs (what the gate judged)": judged,
                 "the lineage.json checked before the copy": pinned}
-    try:  # copies and hashes, then under one lock: champion still `current`, commit, champion alias
-        version = register_champion(root, name, files, lineage, metrics, reason, judged_against=current,
-                                    expected=expected, gto_repo=repo if gto else None)
+    canary = rollout.canary and current is not None  # no champion: nothing to compare a canary with
+    try:  # copies and hashes, then under one lock: champion still `current`, commit, champion/challenger alias
+        if canary:
+            version = register_challenger(root, name, files, lineage, metrics, f"{reason}; canary",
+                                          judged_against=current, weight=rollout.traffic_ratio, expected=expected)
+        else:
+            version = register_champion(root, name, files, lineage, metrics, reason, judged_against=current,
+                                        expected=expected, gto_repo=repo if gto else None)
     except ChampionChanged as e:
         raise champion_changed(gate_path, e.expected, e.current) from None
+    if canary:
+        return out | {"challenger": version, "version": version, "registered": True, "weight": rollout.traffic_ratio}
     return out | {"champion": version, "version": version, "registered": True}
 
 
@@ -201,7 +215,10 @@ def main(argv: list[str] | None = None) -> None:
         for reason in result["reasons"]:
             print(f"  {reason}", file=sys.stderr)
         sys.exit(1)
-    if result["registered"]:
+    if result["challenger"]:
+        print(f"{name}: registered {result['version']} as challenger at weight {result['weight']:g} beside champion "
+              f"{result['champion']} in {result['registry']}; the canary (python -m flows.rollout) decides")
+    elif result["registered"]:
         print(f"{name}: registered {result['version']} and promoted it to champion "
               f"(previous: {result['previous'] or 'none'}) in {result['registry']}")
     else:

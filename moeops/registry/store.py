@@ -28,7 +28,9 @@ rollback; under the lock the commit re-hashes the staged files against the manif
 changed by another process is never committed), and promote/rollback verify their target's checksums, so nothing
 can change in between. register_champion checks that the champion is still the one a gate judged against, commits
 and moves the champion alias under that one lock, so two promotions judged against the same champion cannot both
-win. With `gto_repo`, promote and rollback also write GTO git tags (registry vN = GTO vN.0.0; see gto.py).
+win; register_challenger (a canary) checks the champion the same way and sets the challenger's weight in that
+commit's alias write. With `gto_repo`, promote and rollback also write GTO git tags (registry vN = GTO vN.0.0;
+see gto.py).
 
 Chain of custody: register's `expected` ({who recorded it: {registered relpath: sha256}}) and the lineage's
 `export_checksums` ({registered relpath: sha256}, what the producing stage recorded) are compared with the hashes of
@@ -402,12 +404,24 @@ def register_champion(root: str | Path, name: str, files: Mapping[str, str | Pat
                      judged_against=judged_against, gto_repo=gto_repo)
 
 
+def register_challenger(root: str | Path, name: str, files: Mapping[str, str | Path], lineage: dict[str, Any],
+                        metrics: dict[str, Any], reason: str, *, judged_against: str | None, weight: float,
+                        expected: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """register() for a canary: under one lock, check the champion is still `judged_against` (else ChampionChanged,
+    nothing registered), commit the version and make it the challenger taking `weight` (0..1) of the requests (one
+    alias write; the audit line "register" names the weight). Returns 'vN'."""
+    return _register(root, name, files, lineage, metrics, reason, expected, check_champion=True,
+                     judged_against=judged_against, weight=weight)
+
+
 def _register(root: str | Path, name: str, files: Mapping[str, str | Path], lineage: dict[str, Any],
               metrics: dict[str, Any], reason: str, expected: Mapping[str, Mapping[str, str]] | None, *,
               promote: bool = False, judged_against: str | None = None,
-              gto_repo: str | Path | None = None) -> str:
+              gto_repo: str | Path | None = None, check_champion: bool = False, weight: float = 0.0) -> str:
     check_name(name)
     _check_reason(reason)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise UserError(f"{name}: challenger weight {weight!r} is not a number in [0, 1]")
     if not files:
         raise UserError(f"{name}: nothing to register (files is empty)")
     plan = {_check_dest(dest): Path(src) for dest, src in files.items()}
@@ -455,7 +469,7 @@ def _register(root: str | Path, name: str, files: Mapping[str, str | Path], line
                 fsync_dir(d)
         with registry_lock(root):
             _clean_stale_staging(root)
-            if promote:
+            if promote or check_champion:
                 current = _read_aliases(root, name)["champion"]
                 if current != judged_against:
                     raise ChampionChanged(name, judged_against, current)
@@ -472,9 +486,10 @@ def _register(root: str | Path, name: str, files: Mapping[str, str | Path], line
             fsync_dir(vroot)
             aliases = _read_aliases(root, name)
             old = aliases["challenger"]
-            aliases["challenger"], aliases["challenger_weight"] = version, 0.0
+            aliases["challenger"], aliases["challenger_weight"] = version, 0.0 if promote else float(weight)
             _write_aliases(root, name, aliases)
-            _append_audit(root, "register", name, old, version, reason)
+            _append_audit(root, "register", name, old, version, reason if not weight or promote else
+                          f"{reason}; challenger weight {weight:g}")
             if promote:
                 _set_champion(root, name, version, reason, gto_repo)
     finally:
