@@ -9,6 +9,18 @@ one decode step for the whole batch, samples each row with its request's own RNG
 back and retires finished rows at once. `generate` (async) talks to it through a bounded waiting deque
 and a per-request asyncio.Queue fed with `loop.call_soon_threadsafe`.
 
+Admission across tenants (the app passes each request's tenant; the engine knows no keys or limits):
+with fairness "vtc" it takes the oldest waiting request of the backlogged tenant with the smallest
+virtual token counter (moeops.serve.tenants.VirtualTokenCounter, Sheng et al. OSDI 2024). While any
+other tenant has demand (a request waiting or running, or one arrived in the last ACTIVE_WINDOW_S) a
+tenant holds at most ceil(max_share x max_batch) rows, so the rows it cannot take stay free for the
+others' next requests (they start at once instead of waiting for a busy tenant's row to finish); with
+no other demand it may use every row (work-conserving). Each tenant may hold at most its max_share of
+max_waiting in the queue. fairness "fcfs" (the control) and no tenants keep arrival order.
+
+Faults (chaos tests of a canary): a seeded fraction of requests fails at submit (InjectedFault), and a
+latency factor f makes every ONNX Runtime call of the scheduler take f times as long.
+
 Shapes: B batch rows, S new tokens in a step, P cached (past) positions, T = P + S, V vocab,
 C kv latent dim, R rope dim.
 """
@@ -24,8 +36,8 @@ import platform
 import tempfile
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +48,7 @@ from moeops.lineage import recorded_checksums, verify_checksums
 from moeops.ort import first_line, io_names, ort_errors
 from moeops.sampling import left_pad, sample_next
 from moeops.serve import metrics
+from moeops.serve.tenants import VirtualTokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +58,10 @@ PROVIDER = "CPUExecutionProvider"
 # tokens: one ORT call for similar or short prompts (a call costs more than a few padded tokens), but a
 # long prompt is not prefilled with short ones padded to its length.
 PREFILL_PADDING_RATIO, PREFILL_PADDING_SLACK = 0.5, 32
+# A tenant counts as having demand for this long after its last request arrived, so that a steady
+# tenant's gaps between requests do not let a busy one take back every row just before the next arrives.
+ACTIVE_WINDOW_S = 5.0
+UNKNOWN_TENANT = (1.0, 1.0)  # (weight, max_share) of a tenant name the engine was not given
 
 
 class EngineFull(Exception):
@@ -53,6 +70,10 @@ class EngineFull(Exception):
     def __init__(self, message: str, retry_after_s: float):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class InjectedFault(RuntimeError):
+    """A request failed on purpose (fault_error_rate; the app answers 500)."""
 
 
 class EngineClosed(Exception):
@@ -102,6 +123,7 @@ class _Request:
     rng: np.random.Generator
     arrival: float
     deadline: float
+    tenant: str = ""
     cancelled: bool = False         # set by the consumer's side (aclose, timeout, loop gone)
     done: bool = False              # retired by the scheduler (counted out of in-flight)
     tokens: list[int] = field(default_factory=list)
@@ -258,12 +280,22 @@ def read_config(model_dir: Path) -> dict:
 class Engine:
     def __init__(self, model_dir: Path, *, version: str, variant: str = "int8", max_batch: int = 16,
                  max_waiting: int = 64, request_timeout_s: float = 60.0, threads: int = 0,
-                 cache_dir: Path | None = None, warmup: bool = True, scheduling: str = "continuous"):
+                 cache_dir: Path | None = None, warmup: bool = True, scheduling: str = "continuous",
+                 tenants: Mapping[str, tuple[float, float]] | None = None, fairness: str = "vtc",
+                 fault_error_rate: float = 0.0, fault_latency_factor: float = 1.0):
+        """tenants: name -> (weight, max_share); None = one queue in arrival order (no tenants)."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         if scheduling not in ("continuous", "static"):
             raise UserError(f"scheduling: {scheduling!r} is not continuous or static")
+        if fairness not in ("vtc", "fcfs"):
+            raise UserError(f"fairness: {fairness!r} is not vtc or fcfs")
+        for name, (weight, share) in (tenants or {}).items():
+            if not (weight > 0 and 0 < share <= 1):
+                raise UserError(f"tenant {name}: weight must be > 0 and max_share in (0, 1]")
+        if not (0 <= fault_error_rate <= 1 and fault_latency_factor >= 1):
+            raise UserError("faults: error_rate must be in [0, 1] and latency_factor >= 1")
         if max_batch < 1 or max_waiting < 1 or request_timeout_s <= 0:
             raise UserError("max_batch, max_waiting and request_timeout_s must be positive")
         t0 = time.perf_counter()
@@ -293,6 +325,7 @@ class Engine:
         self._token_texts: dict[int, str] = {}  # filled as logprobs name tokens (the whole vocab costs start time)
         self.ort_version, self.provider = ort.__version__, self._session.get_providers()[0]
         self.load_seconds = time.perf_counter() - t0
+        self.fault_latency_factor = 1.0  # the real factor applies after warm-up
         t0 = time.perf_counter()
         if warmup:
             try:
@@ -301,6 +334,16 @@ class Engine:
                 raise UserError(f"{model_dir / 'model.onnx'}: ONNX Runtime cannot run it ({type(e).__name__}: "
                                 f"{first_line(e)})") from None
         self.warmup_seconds = time.perf_counter() - t0 if warmup else 0.0
+        self.fault_error_rate, self.fault_latency_factor = fault_error_rate, fault_latency_factor
+        self._fault_rng = np.random.default_rng(0)
+
+        self.tenants = dict(tenants) if tenants is not None else None
+        self.fairness = fairness
+        self._vtc = (VirtualTokenCounter({t: w for t, (w, _) in tenants.items()})
+                     if tenants is not None and fairness == "vtc" else None)
+        self._tenant_waiting: Counter[str] = Counter()  # waiting requests by tenant
+        self._last_seen: dict[str, float] = {}          # tenant -> its last arrival (monotonic)
+        self._m_tenant: dict[str, tuple] = {}           # tenant -> its metric children
 
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
@@ -335,8 +378,8 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name=f"engine-{self.version}", daemon=True)
             self._thread.start()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        req = self._submit(prompt_ids, params)
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, tenant: str = "") -> AsyncIterator[Delta]:
+        req = self._submit(prompt_ids, params, tenant)
         finished = False
         try:
             while True:
@@ -377,10 +420,16 @@ class Engine:
         self._reset_batch()
         self._session = None
         metrics.forget(self.version)
+        for tenant in self._m_tenant:
+            for gauge in (metrics.TENANT_WAITING, metrics.TENANT_RUNNING):
+                try:
+                    gauge.remove(self.version, tenant)
+                except KeyError:
+                    pass
 
     # ------------------------------------------------------------------ the consumer's side (event loop)
 
-    def _submit(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
+    def _submit(self, prompt_ids: list[int], params: SamplingParams, tenant: str = "") -> _Request:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("prompt: empty (at least one token)")
@@ -398,13 +447,24 @@ class Engine:
             raise ValueError(f"logprobs: {params.logprobs} is negative")
         now = time.monotonic()
         req = _Request(prompt, params, tuple(s for s in params.stop if s), asyncio.get_running_loop(),
-                       asyncio.Queue(), np.random.default_rng(params.seed), now, now + self.request_timeout_s)
+                       asyncio.Queue(), np.random.default_rng(params.seed), now, now + self.request_timeout_s, tenant)
+        self._tenant_metrics(tenant)
         with self._cond:
             if not self._admitting:
                 raise EngineClosed(f"model version {self.version} is not accepting requests (draining or closed)")
+            if self.fault_error_rate and self._fault_rng.random() < self.fault_error_rate:
+                raise InjectedFault(f"injected fault (model version {self.version}, error rate "
+                                    f"{self.fault_error_rate:g})")
             if len(self._waiting) >= self.max_waiting:
                 raise EngineFull(f"{len(self._waiting)} requests are waiting", self._retry_after())
+            if self._vtc is not None and self._tenant_waiting[tenant] >= self._waiting_cap(tenant):
+                raise EngineFull(f"tenant {tenant}: {self._tenant_waiting[tenant]} requests are waiting (its share "
+                                 "of the queue)", self._retry_after())
             self._waiting.append(req)
+            self._tenant_waiting[tenant] += 1
+            self._last_seen[tenant] = now
+            if self._vtc is not None:
+                self._vtc.enqueue(tenant)
             self._inflight += 1
             self._cond.notify_all()
         metrics.WAITING.labels(self.version).set(len(self._waiting))
@@ -414,7 +474,7 @@ class Engine:
         req.cancelled = True
         with self._cond:
             if req in self._waiting:  # never admitted: free its place in the queue now
-                self._waiting.remove(req)
+                self._take_locked(req)
                 self._retire_locked(req)
             self._cond.notify_all()
 
@@ -422,6 +482,55 @@ class Engine:
         """Seconds until the queue has room, from the recent step time and tokens per request."""
         batches = len(self._waiting) / self.max_batch
         return float(max(1, math.ceil(batches * self._tokens_per_request * self._step_s)))
+
+    def _share(self, tenant: str) -> float:
+        return (self.tenants or {}).get(tenant, UNKNOWN_TENANT)[1]
+
+    def _waiting_cap(self, tenant: str) -> int:
+        return max(1, math.ceil(self._share(tenant) * self.max_waiting))
+
+    def _row_cap(self, tenant: str) -> int:
+        return max(1, math.ceil(self._share(tenant) * self.max_batch))
+
+    # ------------------------------------------------------------------ admission (under self._cond)
+
+    def _take_locked(self, req: _Request) -> None:
+        self._waiting.remove(req)
+        self._tenant_waiting[req.tenant] -= 1
+        if self._vtc is not None:
+            self._vtc.dequeue(req.tenant)
+
+    def _admit_locked(self, room: int) -> list[_Request]:
+        """Take up to `room` waiting requests into the batch: arrival order without fair scheduling;
+        otherwise the oldest request of the eligible backlogged tenant with the smallest counter (ties:
+        the tenant whose oldest request came first), its prompt charged at once. A tenant is eligible
+        below its row cap, or above it while no other tenant has demand."""
+        if self._vtc is None:
+            newcomers = list(self._waiting)[:room]
+            for r in newcomers:
+                self._take_locked(r)
+            return newcomers
+        now = time.monotonic()
+        running = Counter(r.tenant for r in self._rows)
+        newcomers = []
+        while len(newcomers) < room and self._waiting:
+            heads: dict[str, _Request] = {}
+            for r in self._waiting:
+                heads.setdefault(r.tenant, r)
+            eligible = [t for t in heads if running[t] < self._row_cap(t) or not self._others_active(t, running, now)]
+            tenant = self._vtc.pick(eligible)
+            if tenant is None:  # only capped tenants wait: their rows stay free for the others' next requests
+                break
+            req = heads[tenant]
+            self._take_locked(req)
+            self._vtc.charge(tenant, prompt_tokens=len(req.prompt))
+            running[tenant] += 1
+            newcomers.append(req)
+        return newcomers
+
+    def _others_active(self, tenant: str, running: Counter, now: float) -> bool:
+        return any(u != tenant and (self._tenant_waiting[u] or running[u] or now - seen < ACTIVE_WINDOW_S)
+                   for u, seen in self._last_seen.items())
 
     # ------------------------------------------------------------------ the scheduler thread
 
@@ -434,7 +543,7 @@ class Engine:
                 room = self.max_batch - len(self._rows)
                 if self.scheduling == "static" and self._rows:
                     room = 0  # a static batch runs to completion before the next one forms
-                newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                newcomers = self._admit_locked(room)
             try:
                 self._iterate(newcomers)
             except Exception as e:  # a bug must not kill the thread: fail what is in flight, keep serving
@@ -485,7 +594,10 @@ class Engine:
 
     def _run(self, ids_BS: np.ndarray, mask_BT: np.ndarray, past: list[np.ndarray]):
         feed = dict(zip(self._inputs, [ids_BS, mask_BT, *past]))
+        t0 = time.perf_counter()
         logits_BSV, *present = self._session.run(self._outputs, feed)
+        if self.fault_latency_factor > 1:  # injected slowness: this call takes factor x as long
+            time.sleep((self.fault_latency_factor - 1) * (time.perf_counter() - t0))
         return logits_BSV, present
 
     def _empty_cache(self, batch: int) -> list[np.ndarray]:
@@ -498,6 +610,7 @@ class Engine:
         for r in reqs:
             self._m_queue.observe(now - r.arrival)
             self._m_prompt.inc(len(r.prompt))
+            self._m_tenant[r.tenant][0].inc(len(r.prompt))
         ids_BS, mask_BS = left_pad([r.prompt for r in reqs])
         logits_BSV, present = self._run(ids_BS, mask_BS, self._empty_cache(len(reqs)))
         S = ids_BS.shape[1]
@@ -538,13 +651,20 @@ class Engine:
         p = r.params
         token = int(sample_next(logits_V[None], p.temperature, p.top_p, r.rng)[0])
         now = time.monotonic()
-        (self._m_itl if r.last_token_at else self._m_ttft).observe(now - (r.last_token_at or r.arrival))
+        if r.last_token_at:
+            self._m_itl.observe(now - r.last_token_at)
+        else:
+            self._m_ttft.observe(now - r.arrival)
+            self._m_tenant[r.tenant][2].observe(now - r.arrival)
         r.last_token_at = now
         eos = token == self.eos_id and not p.ignore_eos
         finish = "stop" if eos else None
         if not eos:
             r.tokens.append(token)
             self._m_gen.inc()
+            self._m_tenant[r.tenant][1].inc()
+            if self._vtc is not None:
+                self._vtc.charge(r.tenant, output_tokens=1)
             if len(r.tokens) >= p.max_tokens or len(r.prompt) + len(r.tokens) >= self.max_seq_len:
                 finish = "length"
         text = self.tokenizer.decode(r.tokens)
@@ -628,6 +748,16 @@ class Engine:
         metrics.RUNNING.labels(self.version).set(len(self._rows))
         metrics.WAITING.labels(self.version).set(len(self._waiting))
         metrics.KV_CACHE_BYTES.labels(self.version).set(sum(c.nbytes for c in self._cache))
+        running = Counter(r.tenant for r in self._rows)
+        for tenant in list(self._m_tenant):
+            metrics.TENANT_WAITING.labels(self.version, tenant).set(self._tenant_waiting[tenant])
+            metrics.TENANT_RUNNING.labels(self.version, tenant).set(running[tenant])
+
+    def _tenant_metrics(self, tenant: str) -> None:
+        if tenant not in self._m_tenant:  # the label set is the app's fixed tenant names (or "")
+            self._m_tenant[tenant] = (metrics.TENANT_PROMPT_TOKENS.labels(tenant),
+                                      metrics.TENANT_GENERATION_TOKENS.labels(tenant),
+                                      metrics.TENANT_TIME_TO_FIRST_TOKEN.labels(tenant))
 
     def _warm_up(self) -> None:
         """Run the shapes serving will: prefill of a short and a long prompt at batch 1 and max_batch, and
