@@ -67,7 +67,7 @@ def test_register_layout_and_manifest(reg: Path) -> None:
     assert manifest["lineage"] == {"git_commit": "def"} and manifest["metrics"] == {"bpb": 1.4}
     assert set(manifest["files"]) == {"model.safetensors", "tokenizer/tokenizer.json", "tokenizer/sub/x.txt"}
     assert (vdir / "tokenizer/sub/x.txt").read_text() == "b"
-    assert _aliases(reg) == {"champion": None, "challenger": "v3", "previous": []}
+    assert _aliases(reg) == {"champion": None, "challenger": "v3", "previous": [], "challenger_weight": 0.0}
     assert champion(reg, "moe") is None
     entries = history(reg, "moe")
     assert [(e["action"], e["from"], e["to"], e["reason"]) for e in entries] == [
@@ -92,7 +92,8 @@ def test_promote_rollback_history(reg: Path) -> None:
     promote(reg, "moe", "v2", "again")
     assert _aliases(reg)["challenger"] == "v3"
     promote(reg, "moe", "v3", "best")
-    assert _aliases(reg) == {"champion": "v3", "challenger": None, "previous": ["v1", "v2"]}  # challenger cleared
+    assert _aliases(reg) == {"champion": "v3", "challenger": None, "previous": ["v1", "v2"],
+                             "challenger_weight": 0.0}  # challenger cleared
     assert rollback(reg, "moe", "r1") == "v2" and rollback(reg, "moe", "r2") == "v1"
     before = _snapshot(reg)
     with pytest.raises(UserError, match="no earlier champion"):
@@ -107,7 +108,7 @@ def test_promote_rollback_history(reg: Path) -> None:
     assert [e["action"] for e in history(reg, "moe")][3:] == ["promote", "promote", "rollback", "promote", "promote",
                                                              "rollback", "rollback"]
     assert list_models(reg) == [{"name": "moe", "versions": ["v1", "v2", "v3"], "champion": "v1", "challenger": None,
-                                 "previous": []}]
+                                 "previous": [], "challenger_weight": 0.0}]
     assert verify(reg, "moe") == ["v1", "v2", "v3"]
 
 
@@ -269,7 +270,7 @@ def test_parallel_writers(tmp_path: Path, reg: Path) -> None:
         f"w{w} {op}{i}" for w in range(workers) for i in range(n) for op in ("reg", "promote", "rollback"))
     assert len({e["pid"] for e in entries[5:]}) == workers
     # replaying the audit log in file order (= lock order) gives exactly the final aliases
-    state = {"champion": None, "challenger": None, "previous": []}
+    state = {"champion": None, "challenger": None, "previous": [], "challenger_weight": 0.0}
     for e in entries:
         if e["action"] == "register":
             assert e["from"] == state["challenger"]
@@ -333,7 +334,7 @@ def test_cli(reg: Path, tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout == "moe: champion -> v1\n", r.stderr
     r = _cli("registry", "promote", "moe", "v2", "--reason", "better", module=("moeops",), MOEOPS_REGISTRY=str(reg))
     assert r.returncode == 0, r.stderr
-    assert "champion=v2 challenger=v3 previous=v1 versions=v1,v2,v3" in _cli("--root", str(reg), "list").stdout
+    assert "champion=v2 challenger=v3 weight=0 previous=v1 versions=v1,v2,v3" in _cli("--root", str(reg), "list").stdout
     r = _cli("registry", "--root", str(reg), "rollback", "moe", "--reason", "canary failed", module=("moeops",))
     assert r.returncode == 0 and r.stdout == "moe: champion -> v1\n", r.stderr
     assert json.loads(_cli("--root", str(reg), "show", "moe").stdout)["version"] == "v1"
@@ -501,5 +502,5 @@ def test_register_champion_checks_the_champion_under_the_lock(tmp_path: Path, re
     assert _snapshot(reg) == before and not (reg / "versions/moe/v4").exists()
     assert os.listdir(reg / ".staging") == []
     assert register_champion(reg, "moe", src, {}, {}, "gate", judged_against="v1") == "v4"
-    assert _aliases(reg) == {"champion": "v4", "challenger": None, "previous": ["v1"]}
+    assert _aliases(reg) == {"champion": "v4", "challenger": None, "previous": ["v1"], "challenger_weight": 0.0}
     assert [e["action"] for e in history(reg, "moe")][-2:] == ["register", "promote"]
