@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         from flows.rollout import report
 
         report(result["rollout"])
-    sys.exit(exit_code(result))
+    if exit_code(result):
+        sys.exit(exit_code(result))
 
 
 if __name__ == "__main__":

@@ -160,8 +160,9 @@ def analyze(c: Canary, index: int, interval_s: float, count: int) -> dict[str, A
     return {"phase": run.phase, "message": run.message, "probe": probe_note, "measurements": len(run.measurements)}
 
 
-def finish(c: Canary, outcome: str, reason: str, steps: list[str]) -> dict[str, Any]:
-    """The registry action of the outcome, the `rollout` summary artifact, the result."""
+def finish(c: Canary, outcome: str, reason: str, steps: list[str], server_up: bool = True) -> dict[str, Any]:
+    """The registry action of the outcome, the `rollout` summary artifact, the result (with how long the server
+    took to stop routing to a failed challenger, unless `server_up` is False: it was not answering)."""
     from moeops.registry import promote, reject, set_challenger_weight
 
     t0 = time.monotonic()
@@ -173,7 +174,7 @@ def finish(c: Canary, outcome: str, reason: str, steps: list[str]) -> dict[str, 
     else:
         promote(c.root, c.name, c.challenger, f"canary passed: {reason}", gto_repo=c.repo if c.gto else None)
     applied = None
-    if outcome != "promoted":
+    if outcome != "promoted" and server_up:
         try:  # how long until the server stopped routing to the challenger (a bound, not a promise)
             applied = wait_for_weight(c.rollout.server_url, c.challenger, 0.0, WEIGHT_TIMEOUT_S) + \
                 (time.monotonic() - t0)
@@ -219,7 +220,7 @@ def rollout(repo: str = ".", challenger: str | None = None) -> dict[str, Any]:
     why = unreachable(c)
     if why is not None:
         log.warning("rollout inconclusive: %s", why)
-        return finish(c, "inconclusive", why, steps)
+        return finish(c, "inconclusive", why, steps, server_up=False)
     weight = c.rollout.traffic_ratio
     plan = [("set_weight", weight)]  # traffic_ratio first, then the steps (set_weight in percent)
     for step in c.rollout.steps:
@@ -231,7 +232,7 @@ def rollout(repo: str = ".", challenger: str | None = None) -> dict[str, Any]:
             try:
                 took = set_weight(c, weight, f"canary step {len(steps) + 1}: weight {weight:g}")
             except UserError as e:
-                return finish(c, "inconclusive", str(e), steps)
+                return finish(c, "inconclusive", str(e), steps, server_up=False)
             steps.append(f"set_weight {weight:.0%}: applied by the server in {took:.1f} s")
         elif kind == "analyze":
             analyses += 1

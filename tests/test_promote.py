@@ -59,7 +59,9 @@ def repo(tmp_path: Path) -> Path:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(src)
-    (repo / "params.yaml").write_text(yaml.safe_dump({"registry": {"root": "reg", "name": "lm", "gto_tags": "off"}}))
+    # canary off: a passing gate promotes at once (the canary's challenger path: test_canary_* below)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"registry": {"root": "reg", "name": "lm", "gto_tags": "off"},
+                                                      "rollout": {"canary": False}}))
     write_gate(repo)
     return repo
 
@@ -210,7 +212,7 @@ def test_two_promotions_judged_against_the_same_champion_one_wins(repo, tmp_path
     other = tmp_path / "other"
     shutil.copytree(repo, other, ignore=shutil.ignore_patterns("reg"))
     (other / "params.yaml").write_text(yaml.safe_dump({"registry": {"root": str(repo / "reg"), "name": "lm",
-                                                                    "gto_tags": "off"}}))
+                                                                    "gto_tags": "off"}, "rollout": {"canary": False}}))
     for r, content in ((repo, "candidate A"), (other, "candidate B")):
         retrain(r, content)
         write_gate(r, champion_version="v1")
@@ -238,3 +240,50 @@ def test_two_promotions_judged_against_the_same_champion_one_wins(repo, tmp_path
     assert [json.loads(x)["action"] for x in new] == ["register", "promote"]
     winner = repo if "candidate A" in (reg / "versions/lm/v2/onnx/int8/model.onnx").read_text() else other
     assert (winner is repo) == (results[0][0] == 0)
+
+
+def canary_params(repo: Path, **rollout) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["rollout"] = {"canary": True, "traffic_ratio": 0.2, **rollout}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_canary_a_passing_gate_makes_a_challenger_under_the_champion_check(repo):
+    from moeops.registry import list_models, promote
+
+    canary_params(repo)
+    first = promote_from_gate(Path("metrics/gate.json"), repo)  # no champion yet: nothing to compare, promoted
+    assert first["champion"] == "v1" and first["challenger"] is None
+    retrain(repo, "retrained")
+    write_gate(repo, champion_version="v1")
+    out = promote_from_gate(Path("metrics/gate.json"), repo)
+    assert (out["challenger"], out["champion"], out["weight"]) == ("v2", "v1", 0.2)
+    [m] = list_models(repo / "reg")
+    assert (m["champion"], m["challenger"], m["challenger_weight"]) == ("v1", "v2", 0.2)
+    assert history(repo / "reg", "lm")[-1]["reason"] == "gate promote vs v1; canary; challenger weight 0.2"
+    # judged against v1, but the champion moved: nothing registered (checked under the registry lock)
+    promote(repo / "reg", "lm", "v2", "by hand")
+    retrain(repo, "third")
+    write_gate(repo, champion_version="v1")
+    bad(repo, "champion changed: the gate compared against champion v1, the registry's champion is now v2")
+
+
+def test_canary_without_prometheus_ends_inconclusive_in_one_line(repo, prefect_api):
+    """`python -m flows.promote` on a laptop without Prometheus or a server: the challenger is registered, the
+    canary cannot measure it, so it is left at weight 0 (neither promoted nor rejected), exit 3, one line."""
+    from moeops.registry import list_models
+    from tests.conftest import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    promote_from_gate(Path("metrics/gate.json"), repo)
+    canary_params(repo, prometheus_url=closed, server_url=closed)
+    retrain(repo, "retrained")
+    write_gate(repo, champion_version="v1")
+    proc = subprocess.run([sys.executable, "-m", "flows.promote", "--from-gate", "metrics/gate.json"], cwd=repo,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"lm: canary inconclusive, v2 left at weight 0 (Prometheus is unreachable at {closed}/-/ready" in proc.stderr
+    [m] = list_models(repo / "reg")
+    assert (m["champion"], m["challenger"], m["challenger_weight"]) == ("v1", "v2", 0.0)
+    assert [e["action"] for e in history(repo / "reg", "lm")][-2:] == ["register", "weight"]
