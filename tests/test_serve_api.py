@@ -77,13 +77,15 @@ def error_of(r: httpx.Response, status: int, param: str | None = None) -> dict:
 def test_models_version_health(server, client, served_registry):
     import onnxruntime
 
-    assert [m.id for m in client.models.list().data] == [MODEL, f"{MODEL}@v1"]
+    # the registry's challenger v2 is loaded beside the champion (weight 0: pinned requests only)
+    assert [m.id for m in client.models.list().data] == [MODEL, f"{MODEL}@v1", f"{MODEL}@v2"]
     assert {m.owned_by for m in client.models.list().data} == {"moeops"}
     assert client.models.retrieve(f"{MODEL}@v1").id == f"{MODEL}@v1"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     v = httpx.get(server + "/version").json()
     assert (v["model"], v["version"], v["variant"], v["max_seq_len"]) == (MODEL, "v1", "int8", SERVE_CONTEXT)
+    assert (v["challenger"], v["challenger_weight"]) == ("v2", 0.0)
     assert re.fullmatch(r"[0-9a-f]{64}", v["sha256"]) and v["ort_version"] == onnxruntime.__version__
     assert v["provider"] == "CPUExecutionProvider" and isinstance(v["cache_hit"], bool)
     assert v["load_seconds"] > 0 and v["warmup_seconds"] > 0
@@ -333,8 +335,9 @@ def test_metrics_count_what_was_served(server, client):
     def delta(name, **labels):
         return sample(after, name, **labels) - sample(before, name, **labels)
 
-    assert delta("moeops_requests_total", model_version="v1", status="200") == 5
-    assert delta("moeops_requests_total", model_version="v1", status="400") == 1
+    assert delta("moeops_requests_total", model_version="v1", status="200", tenant="") == 5
+    # refused before a version was chosen: no x-moeops-model-version, so the label says "none"
+    assert delta("moeops_requests_total", model_version="none", status="400", tenant="") == 1
     assert delta("moeops_prompt_tokens_total", model_version="v1") == sum(u.prompt_tokens for u in usages)
     assert delta("moeops_generation_tokens_total", model_version="v1") == sum(u.completion_tokens for u in usages)
     assert delta("moeops_time_to_first_token_seconds_count", model_version="v1") == 5
@@ -420,8 +423,8 @@ def test_disconnect_frees_the_slot(small_server):
     generated = sample(after, "moeops_generation_tokens_total", model_version="v1") - \
         sample(before, "moeops_generation_tokens_total", model_version="v1")
     assert generated < SERVE_CONTEXT - 2
-    assert sample(after, "moeops_requests_total", model_version="v1", status="499") == \
-        sample(before, "moeops_requests_total", model_version="v1", status="499") + 1
+    assert sample(after, "moeops_requests_total", model_version="v1", status="499", tenant="") == \
+        sample(before, "moeops_requests_total", model_version="v1", status="499", tenant="") + 1
     # the only slot serves the next request
     r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=30)
     assert r.status_code == 200

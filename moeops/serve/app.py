@@ -3,9 +3,16 @@ events or not), /v1/models, health, /version and /metrics. Torch-free.
 
 What a client can count on:
 - Errors are OpenAI error objects `{"error": {"message", "type", "param", "code"}}`: 400 for a bad request
-  (FastAPI's validation errors and malformed JSON included, never its 422 shape), 404 `model_not_found`,
-  429 + Retry-After when the engine's queue is full, 503 + Retry-After while loading or draining, 504 when
-  a request runs past serve.request_timeout_s, 500 with a generic message (the traceback goes to the log).
+  (FastAPI's validation errors and malformed JSON included, never its 422 shape), 401 `invalid_api_key` when
+  the server has tenants (serve.tenants) and the request has no or a wrong `Authorization: Bearer <key>`,
+  404 `model_not_found`, 429 `rate_limit_exceeded` + Retry-After when the engine's queue is full or the tenant
+  is over a limit (plus `x-should-retry: false` when the request can never pass its quota), 503 + Retry-After
+  while loading or draining, 504 when a request runs past serve.request_timeout_s, 500 with a generic message
+  (the traceback goes to the log). /health, /version and /metrics need no key.
+- Every /v1 response for which a model version was chosen (errors too) says which in `x-moeops-model-version`.
+  `model: "moeops"` goes to the champion, or to the challenger for the canary's share of the callers, sticky
+  per caller (tenant + `user`, or the `x-moeops-session` header); `moeops@vN` pins a loaded version.
+- Prompts and outputs are never logged.
 - Length limits are refused, not clamped (as OpenAI and vLLM do): a prompt longer than the context (or
   serve.max_prompt_tokens) is a 400 on `prompt`; prompt + max_tokens beyond the context, or max_tokens above
   serve.max_new_tokens, is a 400 on `max_tokens`. Without max_tokens, completions default to 16 new tokens
@@ -50,8 +57,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeops.serve import metrics
-from moeops.serve.engine import Delta, EngineClosed, EngineFull, SamplingParams, TokenLogprob
+from moeops.serve.engine import Delta, EngineClosed, EngineFull, InjectedFault, SamplingParams, TokenLogprob
 from moeops.serve.router import Router
+from moeops.serve.tenants import RateLimited, Tenant, Tenants
 
 log = logging.getLogger("moeops.serve")
 
@@ -207,7 +215,9 @@ class ModelList(BaseModel):
 
 class VersionInfo(BaseModel):
     model: str
-    version: str
+    version: str = Field(description="the champion")
+    challenger: str | None = Field(description="the challenger loaded beside the champion (canary), if any")
+    challenger_weight: float = Field(description="the share of callers routed to the challenger, 0..1")
     variant: str
     sha256: str
     max_seq_len: int
@@ -224,8 +234,11 @@ class Health(BaseModel):
 
 
 _ERROR = {"model": ErrorResponse}
-ERRORS: dict[int | str, dict[str, Any]] = {400: _ERROR, 404: _ERROR, 429: _ERROR, 500: _ERROR, 503: _ERROR,
-                                           504: _ERROR}
+_UNAUTHORIZED = {"model": ErrorResponse, "description": "no or a wrong API key (only when the server has tenants)"}
+ERRORS: dict[int | str, dict[str, Any]] = {400: _ERROR, 401: _UNAUTHORIZED, 404: _ERROR, 429: _ERROR, 500: _ERROR,
+                                           503: _ERROR, 504: _ERROR}
+VERSION_HEADER = "x-moeops-model-version"
+SESSION_HEADER = "x-moeops-session"
 
 
 def _generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
@@ -269,7 +282,15 @@ class APIError(Exception):
 
 
 def engine_error(e: Exception) -> APIError:
-    """The HTTP answer to what engine.generate raises before (or while) it yields."""
+    """The HTTP answer to what engine.generate (or a tenant's admission) raises before (or while) it yields."""
+    if isinstance(e, RateLimited):
+        headers = {"Retry-After": str(math.ceil(e.retry_after_s)), "retry-after-ms": str(math.ceil(e.retry_after_s
+                                                                                               * 1000))}
+        if e.hard:
+            headers["x-should-retry"] = "false"  # over the whole quota: retrying cannot help (openai clients obey)
+        return APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded", headers=headers)
+    if isinstance(e, InjectedFault):  # MOEOPS_FAULTS (chaos testing of the canary): what a broken version answers
+        return APIError(500, "internal server error (injected fault)", type="server_error", code="internal_error")
     if isinstance(e, EngineFull):
         wait = max(float(getattr(e, "retry_after_s", 1.0)), 0.001)
         return APIError(429, f"the server's queue is full; retry after {wait:.3g} s", type="rate_limit_error",
@@ -283,7 +304,9 @@ def engine_error(e: Exception) -> APIError:
                         type="server_error", code="timeout")
     if isinstance(e, ValueError):
         return APIError(400, f"prompt: {e}", param="prompt")
-    raise e
+    # a bug: answered here (not by the outermost handler) so that the response still names its version
+    log.error("unexpected error while generating", exc_info=e)
+    return APIError(500, "internal server error", type="server_error", code="internal_error")
 
 
 def _is_type_tag(part: object) -> bool:
@@ -360,11 +383,12 @@ class Generation:
     their items meet in one queue as (choice index, Delta | exception | _END). The queue is unbounded but a
     sequence's Deltas are bounded by its max_tokens, and a reader that stalls never stalls the engine."""
 
-    def __init__(self, engine, plans: list[tuple[list[int], SamplingParams]]) -> None:
+    def __init__(self, engine, plans: list[tuple[list[int], SamplingParams]], tenant: str = "") -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.n = len(plans)
         self.buffered: list[tuple[int, Any]] = []
-        self.tasks = [asyncio.create_task(self._pump(i, engine.generate(ids, p))) for i, (ids, p) in enumerate(plans)]
+        self.tasks = [asyncio.create_task(self._pump(i, engine.generate(ids, p, tenant=tenant)))
+                      for i, (ids, p) in enumerate(plans)]
 
     async def _pump(self, i: int, agen) -> None:
         try:
@@ -587,11 +611,7 @@ def error_body(e: Exception) -> dict[str, Any]:
     """An exception as an error object; an unexpected one is logged and becomes a generic 500."""
     if isinstance(e, APIError):
         return e.body()
-    try:
-        return engine_error(e).body()
-    except Exception:
-        log.error("unexpected error while generating", exc_info=e)
-        return APIError(500, "internal server error", type="server_error", code="internal_error").body()
+    return engine_error(e).body()
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -604,44 +624,86 @@ async def _until_disconnected(request: Request) -> None:
 
 
 class CountRequests:
-    """ASGI middleware: every answered /v1/ request into moeops_requests_total{model_version, status}; the
-    version is the engine's that answered (the route records it), else the current one's, else "none".
-    Probes and scrapes are not counted: they would drown the traffic a canary is judged on."""
+    """ASGI middleware over every /v1/ request: adds `x-moeops-model-version` to the response when a version was
+    chosen (the route records it in the request state; errors and streams included), and counts the request into
+    moeops_requests_total{model_version, status, tenant} with the version from that header (the engine that
+    answered, not whichever is current now; "none" when no version was chosen) and the tenant's name ("" without
+    tenants or without a valid key). Probes and scrapes are not counted: they would drown the traffic a canary is
+    judged on."""
 
-    def __init__(self, app, router: Router) -> None:
-        self.app, self.router = app, router
+    def __init__(self, app) -> None:
+        self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        status = 500
+        state = scope.setdefault("state", {})
+        status, version = 500, "none"
 
         async def send_(message) -> None:
-            nonlocal status
+            nonlocal status, version
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = list(message.get("headers", []))
+                named = [v.decode("latin-1") for k, v in headers if k.lower() == VERSION_HEADER.encode()]
+                if not named and state.get("model_version"):
+                    named = [state["model_version"]]
+                    headers.append((VERSION_HEADER.encode(), named[0].encode("latin-1")))
+                    message = {**message, "headers": headers}
+                version = named[0] if named else "none"
             await send(message)
 
         try:
             await self.app(scope, receive, send_)
         finally:
-            version = (scope.get("state") or {}).get("model_version")
-            if version is None:
-                current = self.router.current
-                version = current.version if current is not None else "none"
-            metrics.REQUESTS.labels(version, str(status)).inc()
+            tenant = state.get("tenant")
+            metrics.REQUESTS.labels(version, str(status), tenant.name if tenant is not None else "").inc()
 
 
-def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -> FastAPI:
+class Authenticate:
+    """ASGI middleware, only when the server has tenants: every /v1/ request needs a tenant's
+    `Authorization: Bearer <key>` (else 401 before anything else is read), and the tenant goes into the request
+    state; a request the route admitted against the tenant's limits is released here when it ends, whatever the
+    outcome (answered, streamed to the end, failed, or the client went away)."""
+
+    def __init__(self, app, tenants: Tenants) -> None:
+        self.app, self.tenants = app, tenants
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        auth = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"authorization"), "")
+        scheme, _, key = auth.strip().partition(" ")
+        tenant = self.tenants.authenticate(key.strip() if scheme.lower() == "bearer" else None)
+        if tenant is None:
+            why = "a wrong API key" if auth else "no API key (Authorization: Bearer <key>)"
+            error = APIError(401, f"Incorrect API key provided: the request has {why}", code="invalid_api_key",
+                             headers={"WWW-Authenticate": "Bearer"})
+            await error.response()(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["tenant"] = tenant
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if state.get("admitted"):
+                self.tenants.release(tenant)
+
+
+def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int,
+               tenants: Tenants | None = None) -> FastAPI:
     """The FastAPI app over `router`. max_prompt_tokens: 0 = the model's context; max_new_tokens: the most
-    tokens one sequence may ask for."""
+    tokens one sequence may ask for; tenants: None = an open API (no keys, no limits)."""
     app = FastAPI(title="moeops", version="1", summary="OpenAI-compatible serving of the moeops registry's model",
                   description=__doc__)
     app.state.draining = False
     app.state.router = router
     started_at = int(time.time())
-    app.add_middleware(CountRequests, router=router)
+    if tenants is not None:
+        app.add_middleware(Authenticate, tenants=tenants)
+    app.add_middleware(CountRequests)  # added last: the outermost, so that 401s are counted too
 
     def openapi() -> dict[str, Any]:
         # answers are 400 with an error object, never FastAPI's 422: drop it from the documented responses
@@ -655,6 +717,12 @@ def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
             document_server_limits(components, router.model_name, max_new_tokens)
+            if tenants is not None:  # the same key for every /v1 route; health, version and metrics stay open
+                schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, ops in schema["paths"].items():
+                    if path.startswith("/v1/"):
+                        for op in ops.values():
+                            op["security"] = [{"bearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -679,11 +747,14 @@ def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -
         log.error("unexpected error answering %s %s: %s: %s", request.method, request.url.path, type(e).__name__, e)
         return APIError(500, "internal server error", type="server_error", code="internal_error").response()
 
-    def route(model: str, request: Request):
+    def route(model: str, request: Request, user: str | None):
         if app.state.draining:
             raise engine_error(EngineClosed("the server is shutting down"))
+        caller = user or request.headers.get(SESSION_HEADER)
+        tenant: Tenant | None = getattr(request.state, "tenant", None)
+        key = None if not caller else f"{tenant.name if tenant else ''}\0{caller}"  # sticky per tenant + caller
         try:
-            engine = router.get(model)
+            engine = router.get(model, key)
         except KeyError:
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
                                 f"{', '.join(router.served_models())}", param="model",
@@ -693,19 +764,35 @@ def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -
         request.state.model_version = engine.version
         return engine
 
-    async def open_generation(request: Request, model: str, plan) -> tuple[Any, list[Choice], Generation]:
-        """Route, validate against the engine, start every sequence and wait for their first Deltas. A hot
-        reload may close the routed engine in between: then the request goes to the new one."""
+    def admit(request: Request, plans: list[tuple[list[int], SamplingParams]]) -> None:
+        """Count the request against its tenant's limits (prompt + max new tokens), once; released when the
+        request ends (Authenticate)."""
+        tenant: Tenant | None = getattr(request.state, "tenant", None)
+        if tenants is None or tenant is None or getattr(request.state, "admitted", False):
+            return
+        try:
+            tenants.admit(tenant, sum(len(ids) + p.max_tokens for ids, p in plans))
+        except RateLimited as e:
+            raise engine_error(e) from None
+        request.state.admitted = True
+
+    async def open_generation(request: Request, model: str, user: str | None, plan
+                              ) -> tuple[Any, list[Choice], Generation]:
+        """Route, validate against the engine, admit, start every sequence and wait for their first Deltas. A
+        hot reload (or a retired challenger) may close the routed engine in between: then the request is routed
+        again."""
+        tenant: Tenant | None = getattr(request.state, "tenant", None)
         for attempt in range(3):
-            engine = route(model, request)
+            engine = route(model, request, user)
             choices, plans = plan(engine)
-            gen = Generation(engine, plans)
+            admit(request, plans)
+            gen = Generation(engine, plans, tenant.name if tenant is not None else "")
             try:
                 await gen.started()
                 return engine, choices, gen
             except EngineClosed as e:
                 gen.cancel()
-                if attempt == 2 or router.current in (None, engine):
+                if attempt == 2 or router.current is None or router.serves(engine):
                     raise engine_error(e) from None
             except BaseException as e:
                 gen.cancel()
@@ -764,7 +851,7 @@ def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -
                 plans.append((ids, sampling(body, n, stop, body.logprobs, echo and want_logprobs)))
             return choices, plans
 
-        engine, choices, gen = await open_generation(request, body.model, plan)
+        engine, choices, gen = await open_generation(request, body.model, body.user, plan)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "system_fingerprint": f"{router.model_name}@{engine.version}"}
 
@@ -803,7 +890,7 @@ def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -
             top = (body.top_logprobs or 0) if want_logprobs else None
             return [Choice(0, text, ids, engine.tokenizer)], [(ids, sampling(body, n, stop, top, False))]
 
-        engine, choices, gen = await open_generation(request, body.model, plan)
+        engine, choices, gen = await open_generation(request, body.model, body.user, plan)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
                 "system_fingerprint": f"{router.model_name}@{engine.version}"}
 
@@ -849,10 +936,13 @@ def create_app(router: Router, *, max_prompt_tokens: int, max_new_tokens: int) -
 
     @app.get("/version", response_model=VersionInfo, responses={503: _ERROR})
     async def version() -> dict[str, Any]:
-        e = router.current
+        e, challenger, weight = router.current, router.challenger, router.weight
         if e is None:
             raise engine_error(EngineClosed("no model version loaded yet"))
-        return {"model": router.model_name, "version": e.version, "variant": e.variant, "sha256": e.sha256,
+        return {"model": router.model_name, "version": e.version,
+                "challenger": challenger.version if challenger is not None else None,
+                "challenger_weight": weight if challenger is not None else 0.0,
+                "variant": e.variant, "sha256": e.sha256,
                 "max_seq_len": e.max_seq_len, "ort_version": e.ort_version, "provider": e.provider,
                 "cache_hit": bool(e.cache_hit), "load_seconds": float(e.load_seconds),
                 "warmup_seconds": float(e.warmup_seconds)}

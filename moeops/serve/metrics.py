@@ -15,7 +15,8 @@ VERSION = ("model_version",)
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5.0, 10.0, 20.0, 60.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
 
-REQUESTS = Counter("moeops_requests", "HTTP requests answered, by status code", ("model_version", "status"))
+REQUESTS = Counter("moeops_requests", "HTTP requests answered, by status code and tenant",
+                   ("model_version", "status", "tenant"))  # tenant: "" without tenants (or without a valid key)
 PROMPT_TOKENS = Counter("moeops_prompt_tokens", "Prompt tokens prefilled", VERSION)
 GENERATION_TOKENS = Counter("moeops_generation_tokens", "Tokens generated", VERSION)
 TIME_TO_FIRST_TOKEN = Histogram("moeops_time_to_first_token_seconds", "Arrival to first generated token",

@@ -12,6 +12,13 @@ SIGTERM / SIGINT drain: ready turns 503 and new requests get 503 + Retry-After (
 requests in flight finish (serve.drain_timeout_s at most), then uvicorn closes the port and the process
 exits 0. The port stays open while draining so that probes see "not ready" rather than a refused connection.
 A second signal stops at once.
+
+Canary: serving `--alias champion`, the server also loads the aliases file's challenger beside the champion
+(before ready, and whenever it changes: watch.py) and routes challenger_weight of the callers to it (router.py).
+Tenants: serve.tenants names tenants.yaml (loaded at start; a bad file is one `error:` line, exit 2), and every
+/v1 request needs a tenant's `Authorization: Bearer <key>`. Chaos testing of the canary: env MOEOPS_FAULTS,
+e.g. '{"v3": {"error_rate": 0.2, "latency_factor": 3.0}}', makes that version's engine fail a seeded fraction
+of its requests (500) and run every step 3x slower.
 """
 
 from __future__ import annotations
@@ -81,15 +88,49 @@ def variant_dir(version_dir: Path) -> tuple[Path, str]:
     return model_dir, variant
 
 
-def make_engine(version_dir: Path, version: str, serve: ServeParams):
-    """A loaded, verified, warmed and started Engine for one registry version (the watcher's make_engine)."""
+FAULTS_ENV = "MOEOPS_FAULTS"
+
+
+def parse_faults(text: str | None) -> dict[str, tuple[float, float]]:
+    """$MOEOPS_FAULTS -> {version: (error_rate, latency_factor)}; UserError (one line) when malformed."""
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{FAULTS_ENV}: not JSON ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f'{FAULTS_ENV}: expected {{"vN": {{"error_rate": 0.2, "latency_factor": 3.0}}}}, '
+                        f"got {type(data).__name__}")
+    faults = {}
+    for version, spec in data.items():
+        if not isinstance(spec, dict) or not set(spec) <= {"error_rate", "latency_factor"}:
+            raise UserError(f"{FAULTS_ENV}: {version}: expected an object with error_rate and/or latency_factor, "
+                            f"got {spec!r}")
+        rate, factor = spec.get("error_rate", 0.0), spec.get("latency_factor", 1.0)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+            raise UserError(f"{FAULTS_ENV}: {version}.error_rate: expected a number in [0, 1], got {rate!r}")
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not 1.0 <= factor <= 100.0:
+            raise UserError(f"{FAULTS_ENV}: {version}.latency_factor: expected a number in [1, 100], got {factor!r}")
+        faults[version] = (float(rate), float(factor))
+    return faults
+
+
+def make_engine(version_dir: Path, version: str, serve: ServeParams, *,
+                tenants: dict[str, Any] | None = None, faults: dict[str, tuple[float, float]] | None = None):
+    """A loaded, verified, warmed and started Engine for one registry version (the watcher's make_engine).
+    tenants: {name: Tenant} (None: no tenants, FCFS); faults: parse_faults' result."""
     from moeops.serve.engine import Engine
 
     model_dir, variant = variant_dir(version_dir)
+    error_rate, latency_factor = (faults or {}).get(version, (0.0, 1.0))
+    shares = {t.name: (t.weight, t.max_share) for t in tenants.values()} if tenants else None
+    # champion and challenger each get serve.threads: two engines share the cores, neither owns them
     engine = Engine(model_dir, version=version, variant=variant, max_batch=serve.max_batch,
                     max_waiting=serve.max_waiting, request_timeout_s=serve.request_timeout_s, threads=serve.threads,
                     cache_dir=Path(serve.cache_dir) if serve.cache_dir else None, warmup=serve.warmup,
-                    scheduling=serve.scheduling)
+                    scheduling=serve.scheduling, tenants=shares, fairness=serve.fairness,
+                    fault_error_rate=error_rate, fault_latency_factor=latency_factor)
     engine.start()
     from moeops.serve.app import vocab_bytes
 
@@ -129,8 +170,21 @@ def serve(args: argparse.Namespace) -> None:
     t_main = time.monotonic()
     age0 = process_age_s()
     params, root, name = settings(args)
+    faults = parse_faults(os.environ.get(FAULTS_ENV))
+    tenants = None
+    if params.tenants:
+        from moeops.serve.tenants import Tenants, load_tenants
+
+        tenants = load_tenants(params.tenants)
+    if faults:
+        log.info("%s: injecting faults into %s", FAULTS_ENV, ", ".join(sorted(faults)))
+
+    def build(version_dir: Path, version: str):
+        return make_engine(version_dir, version, params, tenants=tenants, faults=faults)
+
     router = Router(name)
-    app = create_app(router, max_prompt_tokens=params.max_prompt_tokens, max_new_tokens=params.max_new_tokens)
+    app = create_app(router, max_prompt_tokens=params.max_prompt_tokens, max_new_tokens=params.max_new_tokens,
+                     tenants=Tenants(tenants) if tenants else None)
     state: dict[str, Any] = {"error": None, "watcher": None, "stopping": False}
 
     class Server(uvicorn.Server):
@@ -151,24 +205,35 @@ def serve(args: argparse.Namespace) -> None:
     server = Server(config)
 
     def drain() -> None:
-        engine = router.current
-        if engine is not None:
+        deadline = time.monotonic() + params.drain_timeout_s
+        for engine in router.engines():
             log.info("draining %s (at most %.0f s)", engine.version, params.drain_timeout_s)
-            if not engine.drain(params.drain_timeout_s):
-                log.info("requests still running after %.0f s; stopping anyway", params.drain_timeout_s)
+            if not engine.drain(max(0.0, deadline - time.monotonic())):
+                log.info("%s: requests still running after %.0f s; stopping anyway", engine.version,
+                         params.drain_timeout_s)
         server.should_exit = True
 
     def load() -> None:
         try:
             manifest = registry.show(root, name, args.alias)
-            engine = make_engine(Path(manifest["path"]), manifest["version"], params)
+            engine = build(Path(manifest["path"]), manifest["version"])
         except Exception as e:  # one line and exit 2, whatever broke: a server that is never ready helps nobody
             where = "" if isinstance(e, UserError) else f"loading {name} {args.alias} from {root}: "
             state["error"] = where + first_line(e)
             server.should_exit = True
             return
+        from moeops.serve.watch import AliasWatcher
+
+        watcher = AliasWatcher(root, name, args.alias, router, build, params.watch_interval_s,
+                               drain_timeout_s=params.drain_timeout_s)
+        if args.alias == "champion":  # the canary split from the first request: the challenger loads before ready
+            try:
+                watcher.sync_challenger(engine.version)
+            except Exception as e:  # a broken challenger never keeps the champion from serving
+                log.info("challenger: %s; the champion serves alone", first_line(e))
         if state["stopping"]:
-            engine.close()
+            for e in [engine, *router.engines()]:
+                e.close()
             return
         router.set(engine)
         since = "process start" if age0 is not None else "main()"
@@ -176,12 +241,8 @@ def serve(args: argparse.Namespace) -> None:
         log.info("ready: %s %s (%s) on http://%s:%d in %.2f s from %s (load %.2f s, warm-up %.2f s, graph cache %s)",
                  name, engine.version, engine.variant, params.host, params.port, total, since,
                  engine.load_seconds, engine.warmup_seconds, "hit" if engine.cache_hit else "miss")
+        state["watcher"] = watcher
         if params.watch_interval_s > 0:
-            from moeops.serve.watch import AliasWatcher
-
-            watcher = AliasWatcher(root, name, args.alias, router, lambda d, v: make_engine(d, v, params),
-                                   params.watch_interval_s, drain_timeout_s=params.drain_timeout_s)
-            state["watcher"] = watcher
             watcher.start()
 
     sock = listen(params.host, params.port)
@@ -193,8 +254,7 @@ def serve(args: argparse.Namespace) -> None:
         state["stopping"] = True
         if state["watcher"] is not None:
             state["watcher"].stop()
-        engine = router.current
-        if engine is not None:
+        for engine in router.engines():
             engine.close()
     if state["error"] is not None:
         raise UserError(state["error"])
