@@ -1,8 +1,13 @@
-"""The canary's quality probe: held-out val documents scored through the server by both versions, paired, judged
-as the gate judges, and pushed to the Prometheus pushgateway for the analysis to query.
+"""The canary's quality probe: val documents scored by both served versions, judged as the gate judges, pushed.
 
-  python -m moeops.rollout.probe --canary v4 --stable v3 --server URL --pushgateway URL [--params params.yaml]
-                                 [--documents FILE] [--model NAME] [--prepared DIR]
+Held-out documents are scored through the server by the canary and the stable version, paired, bounded as the gate
+bounds a regression, and the bound is pushed to the Prometheus pushgateway for the analysis to query.
+
+  python -m moeops.rollout.probe --canary v4 --stable v3 --server URL --pushgateway URL [--stable-server URL]
+                                 [--params params.yaml] [--documents FILE] [--model NAME] [--prepared DIR]
+
+One server serving both versions (the rollout flow's case), or, in a cluster where each version runs on its own
+pods, --server for the canary's and --stable-server for the stable version's.
 
 Each of the first rollout.probe_documents val documents of data/prepared (or one per line of --documents, a JSON
 list of strings when the file is .json), cut to its first rollout.probe_max_tokens tokens, is sent to
@@ -120,12 +125,12 @@ def document_bits(server_url: str, model: str, texts: list[str], timeout_s: floa
 
 
 def probe(server_url: str, model_name: str, canary: str, stable: str, texts: list[str], confidence: float,
-          samples: int, seed: int) -> dict[str, Any]:
+          samples: int, seed: int, stable_server_url: str | None = None) -> dict[str, Any]:
     """Score `texts` through both versions and bound the canary's relative bits-per-byte change."""
     from moeops.evaluate.gate import paired_bootstrap
 
     canary_bits_D = document_bits(server_url, f"{model_name}@{canary}", texts)
-    stable_bits_D = document_bits(server_url, f"{model_name}@{stable}", texts)
+    stable_bits_D = document_bits(stable_server_url or server_url, f"{model_name}@{stable}", texts)
     n_bytes = sum(len(t.encode()) for t in texts)
     boot = paired_bootstrap(canary_bits_D, stable_bits_D, confidence, samples, seed)
     return {"canary": canary, "stable": stable, "documents": len(texts), "bytes": n_bytes,
@@ -166,24 +171,26 @@ def push(pushgateway_url: str, result: dict[str, Any]) -> None:
 
 
 def run(server_url: str, pushgateway_url: str, model_name: str, canary: str, stable: str, texts: list[str],
-        confidence: float, samples: int, seed: int) -> dict[str, Any]:
+        confidence: float, samples: int, seed: int, stable_server_url: str | None = None) -> dict[str, Any]:
     """clear, probe, push: what the rollout runs once per analysis."""
     clear(pushgateway_url, canary, stable)
-    result = probe(server_url, model_name, canary, stable, texts, confidence, samples, seed)
+    result = probe(server_url, model_name, canary, stable, texts, confidence, samples, seed, stable_server_url)
     push(pushgateway_url, result)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    from moeops.config import load_section
+    from moeops.config import GateParams, RolloutParams, load_section
 
     p = argparse.ArgumentParser(prog="python -m moeops.rollout.probe", description=__doc__.splitlines()[0])
     p.add_argument("--canary", required=True, help="the challenger's version, vN")
     p.add_argument("--stable", required=True, help="the champion's version, vN")
-    p.add_argument("--server", required=True, help="the server's base URL")
+    p.add_argument("--server", required=True, help="the base URL of a server serving the canary (and the stable "
+                                                    "version, unless --stable-server)")
+    p.add_argument("--stable-server", default=None, help="the base URL serving the stable version (default: --server)")
     p.add_argument("--pushgateway", required=True, help="the Prometheus pushgateway's URL")
-    p.add_argument("--params", default="params.yaml", help="for rollout.probe_* and gate.confidence/... "
-                                                            "(default: params.yaml)")
+    p.add_argument("--params", default=None, help="for rollout.probe_*, gate.confidence/bootstrap_samples/seed and "
+                                                  "registry.name (default: ./params.yaml if present, else defaults)")
     p.add_argument("--model", default=None, help="the registry name (default: registry.name)")
     p.add_argument("--documents", type=Path, default=None, help="documents to score instead of the val documents")
     p.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="default: data/prepared")
@@ -192,13 +199,16 @@ def main(argv: list[str] | None = None) -> None:
 
     check_version(a.canary)
     check_version(a.stable)
-    params = Path(a.params)
-    ro, gate = load_section("rollout", params), load_section("gate", params)
-    model = a.model or load_section("registry", params).name
+    if a.params is None and not Path("params.yaml").is_file():  # a serving image may carry no params.yaml
+        ro, gate, model = RolloutParams(), GateParams(), a.model or "moeops"
+    else:
+        params = Path(a.params or "params.yaml")
+        ro, gate = load_section("rollout", params), load_section("gate", params)
+        model = a.model or load_section("registry", params).name
     texts = read_documents(a.documents) if a.documents else probe_texts(a.prepared, ro.probe_documents,
                                                                         ro.probe_max_tokens)
     r = run(a.server, a.pushgateway, model, a.canary, a.stable, texts, gate.confidence, gate.bootstrap_samples,
-            gate.seed)
+            gate.seed, a.stable_server)
     verdict = "pass" if r["upper_bound"] <= gate.max_regression else "FAIL"
     print(f"quality probe {a.canary} vs {a.stable}: bits/byte {r['canary_bits_per_byte']:.4f} vs "
           f"{r['stable_bits_per_byte']:.4f} over {r['documents']} documents, {r['relative_change']:+.2%}, "
