@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +17,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import start_server, stop_server
+from conftest import stage_env, start_server, stop_server
 
 from moeops import registry
 from moeops.serve.router import sticky_point
@@ -23,6 +25,7 @@ from moeops.serve.tenants import hash_key
 
 MODEL = "moeops"
 KEYS = {"team-a": "key-a", "slow": "key-slow", "small": "key-small"}
+FAULTY = "v4"  # MOEOPS_FAULTS fails every request of this version (registered by the last test)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +37,13 @@ def canary(served_registry, tmp_path_factory) -> dict:
     tenants = {"tenants": [
         {"name": "team-a", "key_sha256": hash_key(KEYS["team-a"])},
         {"name": "slow", "key_sha256": hash_key(KEYS["slow"]), "requests_per_minute": 2},
-        {"name": "small", "key_sha256": hash_key(KEYS["small"]), "tokens_per_minute": 40},
+        {"name": "small", "key_sha256": hash_key(KEYS["small"]), "tokens_per_minute": 60, "max_concurrent": 1},
     ]}
     (base / "tenants.yaml").write_text(yaml.safe_dump(tenants))
     reg = {**served_registry, "root": root}
-    proc, url = start_server(reg, base / "srv", tenants=str(base / "tenants.yaml"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOEOPS_FAULTS", json.dumps({FAULTY: {"error_rate": 1.0, "latency_factor": 2.0}}))
+        proc, url = start_server(reg, base / "srv", tenants=str(base / "tenants.yaml"))
     yield {"url": url, "root": root, "name": served_registry["name"], "workdir": base / "srv",
            "variant": served_registry["versions"]["v2"], "tokenizer": served_registry["tokenizer"]}
     assert stop_server(proc) == 0
@@ -74,11 +79,13 @@ def set_weight(canary: dict, weight: float) -> str:
     return challenger
 
 
-def ensure_challenger(canary: dict) -> str:
-    """A loaded challenger (a new registered version when the last one was rejected or promoted)."""
+def ensure_challenger(canary: dict, version: str | None = None) -> str:
+    """A loaded challenger: the registry's, or newly registered versions (v2's files) until there is one (until
+    it is `version`)."""
     aliases = json.loads((canary["root"] / "aliases" / f"{canary['name']}.json").read_text())
     challenger = aliases["challenger"]
-    if challenger is None:
+    while challenger is None or version is not None and challenger != version:
+        assert version is None or challenger is None or int(challenger[1:]) < int(version[1:]), challenger
         challenger = registry.register(canary["root"], canary["name"],
                                        {"onnx/int8": canary["variant"], "tokenizer.json": canary["tokenizer"]},
                                        {"test": "canary"}, {"candidate": "onnx_int8"}, "test: a new challenger")
@@ -248,6 +255,10 @@ def test_api_keys(canary):
     for path in ("/health/live", "/health/ready", "/version", "/metrics"):  # probes and scrapes need no key
         assert httpx.get(url + path).status_code == 200, path
     assert client(url).models.list().data  # the right key
+    schema = httpx.get(url + "/openapi.json").json()  # the documented key
+    op = schema["paths"]["/v1/completions"]["post"]
+    assert op["security"] == [{"bearer": []}] and "401" in op["responses"]
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
 def test_rate_limits(canary):
@@ -269,7 +280,48 @@ def test_rate_limits(canary):
 
     n = refusals()
     with pytest.raises(openai.RateLimitError) as e:
-        small.completions.create(model=MODEL, prompt="x", max_tokens=60)
+        small.completions.create(model=MODEL, prompt="x", max_tokens=80)
     assert e.value.response.headers["x-should-retry"] == "false" and e.value.code == "rate_limit_exceeded"
     assert refusals() == n + 1  # one request: the openai client obeyed x-should-retry
-    assert complete(small)[0]  # a request within the quota passes, and every admitted one was released
+    # max_concurrent 1: each of these passes only if the one before was released when it ended (streamed too);
+    # the release runs just after the last byte went out, so a client as quick as this one may be refused once
+    def soon(request):
+        for _ in range(50):
+            try:
+                return request()
+            except openai.RateLimitError:
+                time.sleep(0.1)
+        raise AssertionError("a request of a tenant with nothing in flight is still refused: a leaked admission")
+
+    assert soon(lambda: complete(small))[0]
+    assert soon(lambda: list(small.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True)))
+    assert soon(lambda: complete(small))[0]
+
+
+def test_an_injected_fault_is_a_500_of_its_version(canary):
+    """MOEOPS_FAULTS makes FAULTY fail every request: a 500 that still names the version, counted under it."""
+    url = canary["url"]
+    ensure_challenger(canary, FAULTY)
+    before = requests_total(url)
+    with pytest.raises(openai.InternalServerError) as e:
+        client(url).completions.create(model=f"{MODEL}@{FAULTY}", prompt="x", max_tokens=1)
+    assert e.value.response.headers["x-moeops-model-version"] == FAULTY
+    after = requests_total(url)
+    assert after[(FAULTY, "500", "team-a")] - before.get((FAULTY, "500", "team-a"), 0) == 1
+
+
+@pytest.mark.parametrize("faults, tenants, message", [
+    ("{v2: 1}", None, "error: MOEOPS_FAULTS: not JSON"),
+    ('{"v2": {"error_rate": 2}}', None, "error: MOEOPS_FAULTS: v2.error_rate: expected a number in [0, 1], got 2"),
+    ("", "tenants: []\n", "error: tenants.yaml: tenants: List should have at least 1 item"),
+])
+def test_bad_faults_or_tenants_exit_2_before_binding(tmp_path, faults, tenants, message):
+    serve = "serve:\n  port: 1\n"  # never bound: the process must fail before it listens
+    if tenants is not None:
+        (tmp_path / "tenants.yaml").write_text(tenants)
+        serve += "  tenants: tenants.yaml\n"
+    (tmp_path / "params.yaml").write_text(serve)
+    proc = subprocess.run([sys.executable, "-m", "moeops", "serve", "--params", "params.yaml"], cwd=tmp_path,
+                          env={**stage_env(), "MOEOPS_FAULTS": faults}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
