@@ -30,6 +30,7 @@ BENCHES: dict[str, tuple[str, list[str], str, str]] = {
     "gate_registry": ("bench.gate_registry", ["--repeats", "3"], "13 min", "make pipeline's exports and metrics"),
     "pipeline": ("bench.pipeline", [], "32 min", "a committed checkout (runs `dvc repro` in a fresh clone)"),
     "serve": ("bench.serve", ["--repeats", "3"], "6 min", "make pipeline's exports and data/prepared"),
+    "canary": ("bench.canary", ["--repeats", "3"], "5 min", "make pipeline's exports and data/prepared; prometheus"),
     "tenants": ("bench.tenants", ["--repeats", "3", "--duration", "20"], "4 min",
                 "make pipeline's exports and data/prepared"),
 }
