@@ -133,7 +133,7 @@ def resolution(gate: dict) -> dict:
 def bootstrap_seconds(documents: int, samples: int, confidence: float, repeats: int) -> list[float]:
     import numpy as np
 
-    from moeops.evaluate.gate import paired_bootstrap
+    from moeops.evaluate.bootstrap import paired_bootstrap
 
     rng = np.random.default_rng(0)
     champion_D = rng.lognormal(8, 1, documents)

@@ -524,8 +524,6 @@ def test_quality_probe_job_runs_the_rollout_probe(analysis):
     assert volumes["documents"]["configMap"]["name"] == "moeops-probe-documents"
 
 
-@pytest.mark.xfail(strict=True, reason="moeops.rollout.probe takes one --server for both pinned versions; in the "
-                   "cluster each version runs on its own pods (canary/stable Services): it needs --stable-server")
 def test_quality_probe_takes_the_jobs_flags(analysis):
     (job,) = [m for m in analysis["spec"]["metrics"] if "job" in m["provider"]]
     (container,) = job["provider"]["job"]["spec"]["template"]["spec"]["containers"]
@@ -593,6 +591,7 @@ sys.meta_path.insert(0, HideUnpinned())
 import onnxruntime, tokenizers, uvicorn
 from onnxruntime.capi import onnxruntime_pybind11_state
 import moeops.__main__, moeops.registry, moeops.serve.engine, moeops.serve.server, moeops.serve.watch
+import moeops.serve.tenants, moeops.rollout.probe, moeops.evaluate.bootstrap  # the probe Job runs in this image too
 from moeops.serve.app import create_app
 from moeops.serve.router import Router
 uvicorn.Config(create_app(Router("moeops"), max_prompt_tokens=127, max_new_tokens=16)).load()

@@ -127,7 +127,7 @@ def document_bits(server_url: str, model: str, texts: list[str], timeout_s: floa
 def probe(server_url: str, model_name: str, canary: str, stable: str, texts: list[str], confidence: float,
           samples: int, seed: int, stable_server_url: str | None = None) -> dict[str, Any]:
     """Score `texts` through both versions and bound the canary's relative bits-per-byte change."""
-    from moeops.evaluate.gate import paired_bootstrap
+    from moeops.evaluate.bootstrap import paired_bootstrap
 
     canary_bits_D = document_bits(server_url, f"{model_name}@{canary}", texts)
     stable_bits_D = document_bits(stable_server_url or server_url, f"{model_name}@{stable}", texts)
