@@ -80,16 +80,12 @@ def unreachable(c: Canary) -> str | None:
 
 
 def served_weight(info: dict[str, Any], challenger: str) -> float | None:
-    """The share the server routes to `challenger` by its /version answer: {"challenger": "v4",
-    "challenger_weight": 0.1} (or {"challenger": {"version", "weight"}}); 0.0 when it serves no challenger, None
-    when it serves another one."""
-    ch = info.get("challenger")
-    version, weight = (ch.get("version"), ch.get("weight")) if isinstance(ch, dict) else (ch, None)
-    if weight is None:
-        weight = info.get("challenger_weight", info.get("weight", 0.0))
+    """The share the server routes to `challenger` by its /version answer ({"challenger": "v4",
+    "challenger_weight": 0.1}): 0.0 when it serves no challenger, None when it serves another one."""
+    version = info.get("challenger")
     if version is None:
         return 0.0
-    return float(weight or 0.0) if version == challenger else None
+    return float(info.get("challenger_weight") or 0.0) if version == challenger else None
 
 
 def wait_for_weight(server_url: str, challenger: str, weight: float, timeout_s: float) -> float:

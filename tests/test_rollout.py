@@ -69,7 +69,6 @@ def test_window_and_queries():
 
 @pytest.mark.parametrize("info, expected", [
     ({"version": "v1", "challenger": "v2", "challenger_weight": 0.1}, 0.1),
-    ({"version": "v1", "challenger": {"version": "v2", "weight": 0.5}}, 0.5),
     ({"version": "v1", "challenger": None, "challenger_weight": 0.0}, 0.0),
     ({"version": "v1", "challenger": "v9", "challenger_weight": 0.1}, None),
 ])
