@@ -13,7 +13,8 @@ Admission across tenants (the app passes each request's tenant; the engine knows
 with fairness "vtc" it takes the oldest waiting request of the backlogged tenant with the smallest
 virtual token counter (moeops.serve.tenants.VirtualTokenCounter, Sheng et al. OSDI 2024). While any
 other tenant has demand (a request waiting or running, or one arrived in the last ACTIVE_WINDOW_S) a
-tenant holds at most ceil(max_share x max_batch) rows, so the rows it cannot take stay free for the
+tenant whose share of the recent service (decayed over ACTIVE_WINDOW_S) is above its max_share holds
+at most ceil(max_share x max_batch) rows, so the rows it cannot take stay free for the
 others' next requests (they start at once instead of waiting for a busy tenant's row to finish); with
 no other demand it may use every row (work-conserving). Each tenant may hold at most its max_share of
 max_waiting in the queue. fairness "fcfs" (the control) and no tenants keep arrival order.
@@ -48,7 +49,7 @@ from moeops.lineage import recorded_checksums, verify_checksums
 from moeops.ort import first_line, io_names, ort_errors
 from moeops.sampling import left_pad, sample_next
 from moeops.serve import metrics
-from moeops.serve.tenants import VirtualTokenCounter
+from moeops.serve.tenants import OUTPUT_COST, PROMPT_COST, VirtualTokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +344,7 @@ class Engine:
                      if tenants is not None and fairness == "vtc" else None)
         self._tenant_waiting: Counter[str] = Counter()  # waiting requests by tenant
         self._last_seen: dict[str, float] = {}          # tenant -> its last arrival (monotonic)
+        self._recent: dict[str, tuple[float, float]] = {}  # tenant -> (service, when): decayed, scheduler thread
         self._m_tenant: dict[str, tuple] = {}           # tenant -> its metric children
 
         self._cond = threading.Condition()
@@ -504,7 +506,8 @@ class Engine:
         """Take up to `room` waiting requests into the batch: arrival order without fair scheduling;
         otherwise the oldest request of the eligible backlogged tenant with the smallest counter (ties:
         the tenant whose oldest request came first), its prompt charged at once. A tenant is eligible
-        below its row cap, or above it while no other tenant has demand."""
+        below its row cap, or above it while no other tenant has demand or while its share of the recent
+        service is within its max_share (a light tenant's burst is not capped; a flooding one is)."""
         if self._vtc is None:
             newcomers = list(self._waiting)[:room]
             for r in newcomers:
@@ -517,16 +520,29 @@ class Engine:
             heads: dict[str, _Request] = {}
             for r in self._waiting:
                 heads.setdefault(r.tenant, r)
-            eligible = [t for t in heads if running[t] < self._row_cap(t) or not self._others_active(t, running, now)]
+            eligible = [t for t in heads if running[t] < self._row_cap(t) or not self._others_active(t, running, now)
+                        or self._recent_share(t, now) <= self._share(t)]
             tenant = self._vtc.pick(eligible)
             if tenant is None:  # only capped tenants wait: their rows stay free for the others' next requests
                 break
             req = heads[tenant]
             self._take_locked(req)
             self._vtc.charge(tenant, prompt_tokens=len(req.prompt))
+            self._serve(tenant, PROMPT_COST * len(req.prompt), now)
             running[tenant] += 1
             newcomers.append(req)
         return newcomers
+
+    def _serve(self, tenant: str, service: float, now: float) -> None:
+        """Count service (VTC's units) into the tenant's recent total, decayed over ACTIVE_WINDOW_S."""
+        total, at = self._recent.get(tenant, (0.0, now))
+        self._recent[tenant] = (total * math.exp((at - now) / ACTIVE_WINDOW_S) + service, now)
+
+    def _recent_share(self, tenant: str, now: float) -> float:
+        """The tenant's share of the service all tenants got recently (decayed over ACTIVE_WINDOW_S)."""
+        recent = {t: total * math.exp((at - now) / ACTIVE_WINDOW_S) for t, (total, at) in self._recent.items()}
+        everyone = sum(recent.values())
+        return recent.get(tenant, 0.0) / everyone if everyone else 0.0
 
     def _others_active(self, tenant: str, running: Counter, now: float) -> bool:
         return any(u != tenant and (self._tenant_waiting[u] or running[u] or now - seen < ACTIVE_WINDOW_S)
@@ -566,7 +582,7 @@ class Engine:
                 parts.append(self._prefill(reqs))
             except Exception as e:
                 self._fail(reqs, e)
-        self._flush()  # first tokens out before the decode step
+            self._flush()  # each group's first tokens out at once, not after the other groups' prefill
         parts = [p for p in parts if p[0]]
         if parts:
             if self._rows:
@@ -665,6 +681,7 @@ class Engine:
             self._m_tenant[r.tenant][1].inc()
             if self._vtc is not None:
                 self._vtc.charge(r.tenant, output_tokens=1)
+                self._serve(r.tenant, OUTPUT_COST, now)
             if len(r.tokens) >= p.max_tokens or len(r.prompt) + len(r.tokens) >= self.max_seq_len:
                 finish = "length"
         text = self.tokenizer.decode(r.tokens)
