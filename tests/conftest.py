@@ -218,10 +218,11 @@ def project(prepared_project, tmp_path) -> Path:
 SERVE_CONTEXT = 128  # the served test models' max_seq_len
 
 
-def build_served_version(project: Path, out: Path, seed: int) -> Path:
+def build_served_version(project: Path, out: Path, seed: int, head_noise: float = 0.0) -> Path:
     """A seeded, untrained debug model (context SERVE_CONTEXT, the prepared tokenizer) exported and
     quantized to int8 as the quantize stage does: out/onnx/int8/{model.onnx, config.json, tokenizer.json,
-    lineage.json with checksums}. Routers scaled so routing depends on the token."""
+    lineage.json with checksums}. Routers scaled so routing depends on the token. head_noise > 0: seeded
+    noise of that many standard deviations on the output head (same speed, worse predictions)."""
     import json
 
     import torch
@@ -239,8 +240,11 @@ def build_served_version(project: Path, out: Path, seed: int) -> Path:
     with torch.no_grad():
         for moe in model.moe_layers():
             moe.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed + 1))
+        if head_noise:
+            w = model.lm_head.weight
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(9)) * head_noise * w.std())
     model.eval()
-    save_model_dir(out / "model", model, tok, {"stage": "test", "seed": seed})
+    save_model_dir(out / "model", model, tok, {"stage": "test", "seed": seed, "head_noise": head_noise})
     export_onnx(model, out / "fp32.onnx")
     variant = out / "onnx/int8"
     variant.mkdir(parents=True)
@@ -266,6 +270,19 @@ def served_registry(prepared_project, tmp_path_factory) -> dict:
         versions[version] = variant
     promote(root, name, "v1", "test champion")
     return {"root": root, "name": name, "versions": versions, "tokenizer": tok}
+
+
+def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
+    """Poll `predicate` every 50 ms until it returns something truthy (returned); AssertionError past the timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def serve_params(path: Path, **serve) -> Path:

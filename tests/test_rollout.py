@@ -8,6 +8,7 @@ import math
 import time
 
 import pytest
+from conftest import REPO, build_served_version, start_server, stop_server
 
 from moeops.rollout.analysis import QUERIES, AnalysisRun, QueryError, Thresholds, judge, window
 
@@ -125,39 +126,6 @@ class Traffic:
             t.join()
 
 
-def build_degraded(project, out):
-    """The champion's model (conftest.build_served_version's seed 3) with noise on the output head: same speed, no
-    errors, only worse predictions (larger random logits cost more bits on every document)."""
-    import json
-
-    import torch
-
-    from moeops.compress.quantize import quantize_int8
-    from moeops.config import make_model_args
-    from moeops.export.onnx import export_onnx
-    from moeops.model.io import save_model_dir
-    from moeops.model.transformer import build_model
-    from stages.quantize import describe
-    from tests.conftest import SERVE_CONTEXT
-
-    tok = project / "data/prepared/tokenizer.json"
-    vocab = json.loads((project / "data/prepared/meta.json").read_text())["vocab_size"]
-    model = build_model(make_model_args("debug", {"vocab_size": vocab, "max_seq_len": SERVE_CONTEXT}), seed=3)
-    with torch.no_grad():
-        for moe in model.moe_layers():
-            moe.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
-        w = model.lm_head.weight
-        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(9)) * 4 * w.std())
-    model.eval()
-    save_model_dir(out / "model", model, tok, {"stage": "test", "degraded": True})
-    export_onnx(model, out / "fp32.onnx")
-    variant = out / "onnx/int8"
-    variant.mkdir(parents=True)
-    quantize_int8(out / "fp32.onnx", variant / "model.onnx")
-    describe(variant, out / "model", {"stage": "test", "degraded": True, "variant": "int8"})
-    return variant
-
-
 @pytest.fixture(scope="module")
 def canary(served_registry, prometheus, prepared_project, tmp_path_factory):
     """A copy of the served registry (v1 champion), one server following it with FAULTS injected, scraped by the
@@ -165,7 +133,6 @@ def canary(served_registry, prometheus, prepared_project, tmp_path_factory):
     import json
     import shutil
 
-    from tests.conftest import start_server, stop_server
 
     base = tmp_path_factory.mktemp("canary")
     root = base / "registry"
@@ -205,7 +172,7 @@ def challenger(env, kind: str):
         files = {"onnx/int8": src / "onnx/int8", "tokenizer.json": src / "tokenizer.json"}
         if fault == want and kind == "degraded":
             if "degraded" not in env:
-                env["degraded"] = build_degraded(env["prepared"], env["base"] / "degraded")
+                env["degraded"] = build_served_version(env["prepared"], env["base"] / "degraded", 3, head_noise=4.0)
             files["onnx/int8"] = env["degraded"]
         version = register(env["root"], env["name"], files, {"test": kind}, {"candidate": "onnx_int8"},
                            f"test challenger {kind}")
@@ -217,7 +184,6 @@ def challenger(env, kind: str):
 def rollout_params(env, steps, **rollout) -> None:
     import yaml
 
-    from tests.conftest import REPO
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["registry"] = {"root": str(env["root"]), "name": env["name"], "gto_tags": "off"}

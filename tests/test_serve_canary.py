@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import stage_env, start_server, stop_server
+from conftest import stage_env, start_server, stop_server, wait_for
 
 from moeops import registry
 from moeops.serve.router import sticky_point
@@ -55,16 +55,6 @@ def client(url: str, tenant: str = "team-a", **kw) -> openai.OpenAI:
 
 def version_info(url: str) -> dict:
     return httpx.get(url + "/version", timeout=10).json()
-
-
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def routing(url: str) -> tuple[str | None, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import start_server, stop_server
+from conftest import start_server, stop_server, wait_for
 
 from moeops import registry
 from moeops.io import atomic_write_json
@@ -44,16 +44,6 @@ def set_alias(reg: dict, champion: str | None) -> None:
     checks: promote refuses damaged files, and these tests need an alias that names a damaged version."""
     path = reg["root"] / "aliases" / f"{reg['name']}.json"
     atomic_write_json(path, {**json.loads(path.read_text()), "champion": champion})
-
-
-def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def served_version(url: str) -> str | None:
@@ -197,7 +187,10 @@ def engine_load(url: str) -> int:
     return int(sum(float(v) for v in re.findall(r"^moeops_requests_(?:running|waiting){[^}]*} (\S+)$", text, re.M)))
 
 
-def test_sigterm_drains_in_flight_streams_then_exits_0(served_registry, tmp_path):
+def test_sigterm_drains_in_flight_streams_then_exits_0(served_registry, tmp_path, monkeypatch):
+    # every model call 5x slower (injected latency), so all n streams are surely in flight together when the
+    # signal comes (at full speed the first could finish before the last arrives on a busy machine)
+    monkeypatch.setenv("MOEOPS_FAULTS", '{"v1": {"latency_factor": 5.0}}')
     proc, url = start_server(served_registry, tmp_path / "srv")
     n = 10  # more than max_batch (8): some wait in the queue when SIGTERM arrives, and must finish too
     streams = [{"events": [], "error": None} for _ in range(n)]
