@@ -251,6 +251,19 @@ def test_api_keys(canary):
     assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
+def test_no_prompt_output_or_key_in_the_log(canary):
+    """Tenants never see each other's data in the server's log: prompts, outputs and keys are never written."""
+    secret, stranger = "zqx private prompt 4711", "not-a-key-9931"
+    text = client(canary["url"]).completions.create(model=MODEL, prompt=secret, max_tokens=8, seed=0).choices[0].text
+    r = httpx.post(canary["url"] + "/v1/completions", json={"model": MODEL, "prompt": secret},
+                   headers={"Authorization": f"Bearer {stranger}"})
+    assert r.status_code == 401
+    log = (canary["workdir"] / "server.log").read_text()
+    assert "moeops serve: ready" in log  # the log is the server's, and written
+    for private in (secret, KEYS["team-a"], stranger) + ((text,) if len(text.strip()) >= 8 else ()):
+        assert private not in log, private
+
+
 def test_rate_limits(canary):
     url = canary["url"]
     slow = client(url, "slow")  # 2 requests per minute
