@@ -69,6 +69,17 @@ def verdict(s: dict | None, target: float, higher_is_better: bool = True) -> str
     return "met" if ok(worst) and s["n"] >= 2 else "not confirmed"
 
 
+def print_spread(result: dict, title: str = "figure", width: int = 45) -> None:
+    """result's ratio_spread as a table: median, min, max, the target (result["targets"]) and its verdict."""
+    print(f"\n{title:{width}}{'median':>10}{'min':>10}{'max':>10}{'target':>10}  verdict")
+    for k, s in result["ratio_spread"].items():
+        if s is None:
+            continue
+        t = result["targets"].get(k)
+        target = f"{'>=' if t['higher_is_better'] else '<='}{t['target']:g}" if t else ""
+        print(f"{k:{width}}{s['median']:>10}{s['min']:>10}{s['max']:>10}{target:>10}  {result['verdicts'].get(k, '')}")
+
+
 def save(name: str, module: str, argv: list[str] | None, result: dict) -> Path:
     """bench/results/<name>.json (or $MOEOPS_BENCH_OUT/<name>.json): machine, command, time, result."""
     out = out_dir()

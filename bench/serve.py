@@ -57,7 +57,7 @@ import numpy as np
 import psutil
 import yaml
 
-from bench.common import save, spread, verdict
+from bench.common import print_spread, save, spread, verdict
 from moeops.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -609,11 +609,7 @@ def print_table(result: dict) -> None:
         for label, metrics in labels.items():
             cells = "".join(f"{(metrics[c] or {}).get('median', '-'):>11}" for c in cols)
             print(f"{config:13}{label:>11}{cells}")
-    print(f"\n{'ratio / figure':50}{'median':>10}{'min':>10}{'max':>10}{'target':>10}  verdict")
-    for k, s in result["ratio_spread"].items():
-        t = result["targets"].get(k)
-        target = f"{'>=' if t['higher_is_better'] else '<='}{t['target']:g}" if t else ""
-        print(f"{k:50}{s['median']:>10}{s['min']:>10}{s['max']:>10}{target:>10}  {result['verdicts'].get(k, '')}")
+    print_spread(result, "ratio / figure", 50)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import save, spread, verdict
+from bench.common import print_spread, save, spread, verdict
 from bench.serve import Req, arrivals, make_requests, pct
 
 ENGINE = {"max_batch": 16, "max_waiting": 64, "threads": 2, "request_timeout_s": 300.0}
@@ -233,16 +233,6 @@ def run(project: Path, repeats: int, duration: float, capacity_requests: int = C
     }
 
 
-def print_table(result: dict) -> None:
-    print(f"\n{'figure':45}{'median':>10}{'min':>10}{'max':>10}{'target':>10}  verdict")
-    for k, s in result["ratio_spread"].items():
-        if s is None:
-            continue
-        t = result["targets"].get(k)
-        target = f"{'>=' if t['higher_is_better'] else '<='}{t['target']:g}" if t else ""
-        print(f"{k:45}{s['median']:>10}{s['min']:>10}{s['max']:>10}{target:>10}  {result['verdicts'].get(k, '')}")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.tenants", description=__doc__.split("\n\n")[0])
     ap.add_argument("--project", type=Path, default=Path("."), help="a project after `make pipeline` (default: .)")
@@ -254,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     result = run(a.project, a.repeats, a.duration, a.capacity_requests)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    print_table(result)
+    print_spread(result)
     print(f"written {save('tenants', 'bench.tenants', argv, result)} ({result['wall_s']:.0f} s)")
 
 
