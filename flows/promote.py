@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         from flows.rollout import report
 
         report(result["rollout"])
-    if exit_code(result):
-        sys.exit(exit_code(result))
+    code = exit_code(result)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,11 @@ EXPORT_CHECKSUMS = "export_checksums"  # lineage key: {registered relpath: sha25
 LOCK_TIMEOUT_S = 30.0  # read at call time, so tests (and callers) can lower it
 
 
+def is_weight(weight: object) -> bool:
+    """A challenger weight: a number (not a bool) in [0, 1]."""
+    return not isinstance(weight, bool) and isinstance(weight, int | float) and 0 <= weight <= 1
+
+
 def check_name(name: object) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UserError(f"invalid model name {name!r}: use 1-64 of [a-z0-9_-], starting and ending with [a-z0-9]")
@@ -196,7 +201,7 @@ def _read_aliases(root: Path, name: str) -> dict[str, Any]:
     if not all(v is None or (isinstance(v, str) and VERSION_RE.fullmatch(v)) for v in vs) or None in out["previous"]:
         raise UserError(f"{path}: malformed aliases file (edited by hand?)")
     weight = out["challenger_weight"]
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+    if not is_weight(weight):
         raise UserError(f"{path}: challenger_weight: expected a number in [0, 1], got {weight!r}")
     return out
 
@@ -420,7 +425,7 @@ def _register(root: str | Path, name: str, files: Mapping[str, str | Path], line
               gto_repo: str | Path | None = None, check_champion: bool = False, weight: float = 0.0) -> str:
     check_name(name)
     _check_reason(reason)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+    if not is_weight(weight):
         raise UserError(f"{name}: challenger weight {weight!r} is not a number in [0, 1]")
     if not files:
         raise UserError(f"{name}: nothing to register (files is empty)")
@@ -562,7 +567,7 @@ def set_challenger_weight(root: str | Path, name: str, weight: float, reason: st
     alias write, one audit line "weight"). Returns the challenger's version; no challenger is an error."""
     check_name(name)
     _check_reason(reason)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+    if not is_weight(weight):
         raise UserError(f"{name}: challenger weight {weight!r} is not a number in [0, 1]")
     root = _existing_root(root)
     with registry_lock(root):

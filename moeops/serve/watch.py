@@ -28,7 +28,7 @@ from typing import Any
 
 from moeops import registry
 from moeops.ort import first_line
-from moeops.registry.store import ALIASES
+from moeops.registry.store import ALIASES, is_weight
 
 
 def _log(msg: str) -> None:
@@ -95,7 +95,7 @@ class AliasWatcher:
         if self.alias != "champion":
             return data.get(self.alias), None, 0.0
         weight = data.get("challenger_weight", 0.0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.0 <= weight <= 1.0:
+        if not is_weight(weight):
             weight = 0.0  # the registry never writes this; a hand-edited file must not break routing
         return data.get("champion"), data.get("challenger"), float(weight)
 
