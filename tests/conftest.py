@@ -13,7 +13,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+# Triton kernels (kernels/) compile on CUDA; elsewhere the Triton interpreter runs them on CPU tensors.
+# Read when @triton.jit decorates, so before any kernels module is imported.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
