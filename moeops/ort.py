@@ -8,6 +8,8 @@ Graph IO (L layers, C kv_lora_rank, R qk_rope_head_dim, V vocab; batch, seq, pas
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +40,46 @@ def first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+PROVIDERS_ENV = "MOEOPS_ORT_PROVIDERS"
+
+
+class ProviderError(UserError, ValueError):
+    """$MOEOPS_ORT_PROVIDERS names a provider this onnxruntime lacks: a ValueError to callers, one line
+    and exit 2 from a stage (a UserError)."""
+
+
+@functools.cache
+def _nvidia_gpu() -> bool:
+    from moeops.export.tensorrt import nvidia_gpu  # torch-free; imported here (moeops.export imports this module)
+
+    return nvidia_gpu() is not None
+
+
+def session_providers() -> list[str]:
+    """The execution providers sessions ask for, in order. $MOEOPS_ORT_PROVIDERS (a comma list, e.g.
+    "CPUExecutionProvider") when set, each name one that this onnxruntime build offers (else a
+    ProviderError, a ValueError naming the variable and the provider); otherwise CUDA then CPU when the
+    build has the CUDA EP (onnxruntime-gpu) and an NVIDIA GPU is present (the GPU build lists the CUDA
+    EP on any machine); otherwise CPU only, as before."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = os.environ.get(PROVIDERS_ENV, "").strip()
+    if wanted:
+        names = [p.strip() for p in wanted.split(",") if p.strip()]
+        for name in names:
+            if name not in available:
+                raise ProviderError(f"{PROVIDERS_ENV}: {name!r} is not a provider of this onnxruntime "
+                                    f"{ort.__version__} (available: {', '.join(available)})")
+        return names
+    if "CUDAExecutionProvider" in available and _nvidia_gpu():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def make_session(path: str | Path, threads: int = 0):
-    """An ONNX Runtime CPU session; a file that is not a loadable ONNX model (corrupted, truncated,
+    """An ONNX Runtime session on `session_providers()` (CPU unless onnxruntime-gpu sees a GPU, or
+    $MOEOPS_ORT_PROVIDERS says otherwise); a file that is not a loadable ONNX model (corrupted, truncated,
     another format, an invalid graph) is a one-line UserError naming it."""
     import onnxruntime as ort
 
@@ -50,8 +90,9 @@ def make_session(path: str | Path, threads: int = 0):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = session_providers()
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=providers)
     except ort_errors() as e:
         raise UserError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {first_line(e)})") from None
 
