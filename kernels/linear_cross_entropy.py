@@ -47,7 +47,8 @@ def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, target_N: 
     """Mean cross-entropy of (h_ND @ weight_VD^T) against target_N, fp32 scalar, never holding more
     than [chunk_size, V] logits. Triton per-chunk kernel on CUDA, PyTorch elsewhere."""
     use_triton = h_ND.is_cuda and triton is not None
-    return _LinearCrossEntropy.apply(h_ND, weight_VD, target_N, chunk_size, ignore_index, use_triton)
+    return _LinearCrossEntropy.apply(h_ND, weight_VD, target_N, chunk_size, ignore_index, use_triton,
+                                     torch.is_grad_enabled())
 
 
 def linear_cross_entropy_triton(h_ND: torch.Tensor, weight_VD: torch.Tensor, target_N: torch.Tensor,
@@ -56,7 +57,8 @@ def linear_cross_entropy_triton(h_ND: torch.Tensor, weight_VD: torch.Tensor, tar
     under TRITON_INTERPRET=1)."""
     if triton is None:
         raise RuntimeError("linear_cross_entropy_triton needs triton")
-    return _LinearCrossEntropy.apply(h_ND, weight_VD, target_N, chunk_size, ignore_index, True)
+    return _LinearCrossEntropy.apply(h_ND, weight_VD, target_N, chunk_size, ignore_index, True,
+                                     torch.is_grad_enabled())
 
 
 def _compute_dtype(h_ND: torch.Tensor) -> torch.dtype:
@@ -75,12 +77,14 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _ce_chunk_torch(logits_cV: torch.Tensor, target_c: torch.Tensor, valid_c: torch.Tensor,
-                    inv_n: float) -> torch.Tensor:
-    """Loss per row of fp32 logits; overwrites logits_cV with (softmax - onehot) * inv_n on valid
-    rows and 0 on ignored ones."""
+                    inv_n: float, grad: bool) -> torch.Tensor:
+    """Loss per row of fp32 logits; with `grad`, overwrites logits_cV with (softmax - onehot) * inv_n
+    on valid rows and 0 on ignored ones."""
     safe_c = torch.where(valid_c, target_c, 0)
     lse_c = torch.logsumexp(logits_cV, dim=1)
     loss_c = (lse_c - logits_cV.gather(1, safe_c[:, None])[:, 0]) * valid_c
+    if not grad:
+        return loss_c
     g_cV = logits_cV.sub_(lse_c[:, None]).exp_()  # softmax, in place
     g_cV[torch.arange(len(safe_c), device=g_cV.device), safe_c] -= 1.0
     g_cV.mul_((valid_c * inv_n).to(g_cV.dtype)[:, None])
@@ -89,13 +93,16 @@ def _ce_chunk_torch(logits_cV: torch.Tensor, target_c: torch.Tensor, valid_c: to
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND, weight_VD, target_N, chunk_size, ignore_index, use_triton):
+    def forward(ctx, h_ND, weight_VD, target_N, chunk_size, ignore_index, use_triton, grad_enabled):
         if h_ND.dim() != 2 or weight_VD.dim() != 2 or target_N.shape != h_ND.shape[:1]:
             raise ValueError(f"linear_cross_entropy: h [N, D], weight [V, D], target [N]; got "
                              f"{tuple(h_ND.shape)}, {tuple(weight_VD.shape)}, {tuple(target_N.shape)}")
+        if chunk_size < 1:
+            raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
         N, D = h_ND.shape
         cdt = _compute_dtype(h_ND)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad stays True under no_grad: without grad mode only the loss is computed
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         valid_N = target_N != ignore_index
         n_valid = int(valid_N.sum())
         if n_valid and not bool(((target_N >= 0) & (target_N < weight_VD.shape[0]))[valid_N].all()):
@@ -110,9 +117,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 e = min(s + chunk_size, N)
                 logits_cV = _mm_f32(x_ND[s:e], w_VD.t())
                 if use_triton:
-                    loss_N[s:e] = _ce_chunk_triton(logits_cV, target_N[s:e], inv_n, ignore_index)
+                    loss_N[s:e] = _ce_chunk_triton(logits_cV, target_N[s:e], inv_n, ignore_index, need_h or need_w)
                 else:
-                    loss_N[s:e] = _ce_chunk_torch(logits_cV, target_N[s:e], valid_N[s:e], inv_n)
+                    loss_N[s:e] = _ce_chunk_torch(logits_cV, target_N[s:e], valid_N[s:e], inv_n, need_h or need_w)
+                if not (need_h or need_w):
+                    continue
                 g_cV = logits_cV.to(cdt)  # now the logits' gradient
                 if need_h:
                     grad_h_ND[s:e] = torch.mm(g_cV, w_VD)
@@ -128,7 +137,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_loss.item() != 1.0:  # a scaled loss (grad accumulation, loss scaling)
             grad_h_ND = grad_h_ND * grad_loss.to(grad_h_ND.dtype) if grad_h_ND is not None else None
             grad_w_VD = grad_w_VD * grad_loss.to(grad_w_VD.dtype) if grad_w_VD is not None else None
-        return grad_h_ND, grad_w_VD, None, None, None, None
+        return grad_h_ND, grad_w_VD, None, None, None, None, None
 
 
 # ----------------------------------------------------------------- Triton
@@ -137,7 +146,7 @@ if triton is not None:
 
     @triton.jit
     def _ce_chunk_kernel(logits_ptr, stride_row, target_ptr, loss_ptr, n_cols, inv_n, ignore_index,
-                         BLOCK_V: tl.constexpr):
+                         HAS_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
         """One program per row of the fp32 logits chunk: online max / sum of exp over the row
         (one read), the loss lse - x_y, then a second read that overwrites the row with
         (softmax - onehot) * inv_n (Liger-Kernel's liger_cross_entropy_kernel, hard labels)."""
@@ -161,21 +170,22 @@ if triton is not None:
         lse = m + tl.log(d)
         x_y = tl.load(row_ptr + y).to(tl.float32)
         tl.store(loss_ptr + row, lse - x_y)
-        for start in range(0, n_cols, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            x = tl.load(row_ptr + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse)
-            g = tl.where(offs == y, g - 1.0, g) * inv_n
-            tl.store(row_ptr + offs, g, mask=offs < n_cols)
+        if HAS_GRAD:
+            for start in range(0, n_cols, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                x = tl.load(row_ptr + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse)
+                g = tl.where(offs == y, g - 1.0, g) * inv_n
+                tl.store(row_ptr + offs, g, mask=offs < n_cols)
 
 
 def _ce_chunk_triton(logits_cV: torch.Tensor, target_c: torch.Tensor, inv_n: float,
-                     ignore_index: int) -> torch.Tensor:
+                     ignore_index: int, grad: bool) -> torch.Tensor:
     c, V = logits_cV.shape
     loss_c = torch.empty(c, dtype=torch.float32, device=logits_cV.device)
     if c:
         # small blocks under the interpreter so tiny test vocabularies still span several blocks
         block_v = min(triton.next_power_of_2(V), 4096 if logits_cV.is_cuda else 64)
         _ce_chunk_kernel[(c,)](logits_cV, logits_cV.stride(0), target_c.contiguous(), loss_c, V, inv_n,
-                               ignore_index, BLOCK_V=block_v)
+                               ignore_index, HAS_GRAD=grad, BLOCK_V=block_v)
     return loss_c
