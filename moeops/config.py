@@ -203,7 +203,9 @@ class PretrainParams(Section):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)  # 0 = off
     bias_update_speed: float = Field(0.01, ge=0)  # gamma of the aux-loss-free balancing; 0 = off
-    bf16: bool = False
+    # bf16 autocast: true | false | auto (bf16 where this machine's bf16 matmul peak beats fp32's,
+    # measured at the start of the run; the choice is in metrics/pretrain.json)
+    bf16: bool | Literal["auto"] = "auto"
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = all cores
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -63,6 +63,8 @@ def main() -> None:
         "all_to_all_bytes_per_step": result.all_to_all_bytes_per_step,
         "peak_rss_gb": round(result.peak_rss_gb, 3),
         "activation_checkpointing": result.activation_checkpointing,
+        "bf16": result.bf16,  # pretrain.bf16 as resolved (auto: by the matmul peaks below)
+        "matmul_peak_gflops": result.matmul_peaks_gflops,
     })
     print(f"pretrain: {OUT} written; {counts['total']:,} params ({counts['active']:,} active), "
           f"{result.tokens_per_s:,.0f} tokens/s")

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from kernels.linear_cross_entropy import linear_cross_entropy
 from moeops.config import ModelArgs
 from moeops.model.attention import MLA, RMSNorm, rope_angles
 from moeops.model.moe import MLP, MoE
@@ -57,7 +58,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits, or with `targets_BS` the mean cross-entropy, computed in chunks of rows by
+        kernels/linear_cross_entropy.py without ever holding the [B·S, V] logits (the lm_head and
+        the loss are about 45% of a training step's FLOPs at the default size)."""
         S = tokens_BS.shape[1]
         if S > self.args.max_seq_len:
             raise ValueError(f"sequence length {S} > max_seq_len {self.args.max_seq_len}")
@@ -65,7 +69,10 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         for layer in self.model.layers:
             x_BSD = layer(x_BSD, cos, sin)
-        return self.lm_head(self.model.norm(x_BSD))
+        h_BSD = self.model.norm(x_BSD)
+        if targets_BS is None:
+            return self.lm_head(h_BSD)
+        return linear_cross_entropy(h_BSD.flatten(0, 1), self.lm_head.weight, targets_BS.flatten())
 
     def forward_cached(self, tokens_BS: torch.Tensor, attention_mask_BT: torch.Tensor,
                        past: list[tuple[torch.Tensor, torch.Tensor]]):

@@ -112,7 +112,8 @@ class DistillObjective:
 
     @torch.no_grad()
     def teacher_logits(self, x_BS: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        self.teacher.to(x_BS.device)  # the student's device (a no-op after the first step)
+        with torch.autocast(x_BS.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.teacher(x_BS).float()
 
     def __call__(self, x_BS: torch.Tensor, y_BS: torch.Tensor,

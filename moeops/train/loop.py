@@ -83,6 +83,29 @@ def make_optimizer(model: torch.nn.Module, p: PretrainParams, layout: Layout | N
     return torch.optim.AdamW(groups, lr=p.lr, betas=(p.beta1, p.beta2), fused=True)
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 512, repeats: int = 5) -> float:
+    """This machine's matmul throughput in `dtype` (best of `repeats` n×n products)."""
+    gen = torch.Generator().manual_seed(0)  # not the global generator: the run's draws stay the same
+    a, b = torch.randn(n, n, generator=gen).to(dtype), torch.randn(n, n, generator=gen).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def resolve_bf16(bf16: bool | str) -> tuple[bool, dict[str, float]]:
+    """`bf16: auto` picks bf16 autocast only where it pays: where this CPU's bf16 matmul peak is at
+    least 1.3x its fp32 peak (AMX does 2-3x; AVX-512 BF16 without AMX, or AVX2 alone, is slower than
+    fp32). Returns the choice and the two peaks in GFLOP/s (empty unless measured)."""
+    if bf16 != "auto":
+        return bool(bf16), {}
+    peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    return peaks["bf16"] >= 1.3 * peaks["fp32"], {k: round(v, 1) for k, v in peaks.items()}
+
+
 def setup_determinism(seed: int, threads: int) -> int:
     """0 threads = this machine's cores shared by the processes the launcher started here."""
     threads = threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -164,6 +187,8 @@ class TrainResult:
     peak_rss_gb: float = 0.0  # this process (rank 0)
     activation_checkpointing: bool = False
     step_peak_rss_gb: float = 0.0  # measured when activation_checkpointing is "auto"
+    bf16: bool = False  # autocast used (bf16: auto resolved)
+    matmul_peaks_gflops: dict[str, float] = field(default_factory=dict)  # what bf16: auto measured
 
 
 def _global_mean(value: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -214,6 +239,12 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
     layout = init_distributed(p)
     rank0 = layout.rank == 0
     threads = setup_determinism(p.seed, p.threads)
+    bf16, peaks = resolve_bf16(p.bf16)
+    if layout.world_size > 1:  # every rank trains in the same precision: bf16 only if all chose it
+        choice = torch.tensor([int(bf16)])
+        dist.all_reduce(choice, op=dist.ReduceOp.MIN)
+        bf16 = bool(choice.item())
+    p = p.model_copy(update={"bf16": bf16})  # the run id names the precision used, not "auto"
     args = args or p.model_args(vocab_size)
     model = build_model(args, seed=p.seed).train()
     if init_state is not None:
@@ -277,7 +308,7 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
         live = Live(dir=str(live_dir), resume=start > 0, save_dvc_exp=False, dvcyaml=None)
 
     tokens_per_step = p.batch_size * p.seq_len * p.grad_accum
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.bf16)
+    autocast = torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=bf16)
     bar = tqdm(total=p.steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not rank0)
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
@@ -361,7 +392,7 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
         tokens_per_s=p.steps * tokens_per_step / seconds if seconds else 0.0,
         final_loss=float(np.mean(losses[-10:])), seconds=seconds, maxvio=maxvio,
         grad_bytes_per_step=grad_bytes, activation_checkpointing=use_ckpt, step_peak_rss_gb=peak_gb,
-        all_to_all_bytes_per_step=a2a_bytes,
+        all_to_all_bytes_per_step=a2a_bytes, bf16=bf16, matmul_peaks_gflops=peaks,
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
@@ -371,13 +402,13 @@ def _data_parallel_step(engine, model, batch, step: int, p: PretrainParams, layo
     batch's cross-entropy, balance loss and objective (the loss minimized, before the balance loss)."""
     step_loss, step_aux, step_objective = 0.0, 0.0, 0.0
     for m in range(p.grad_accum):
-        x_BS, y_BS = batch(step, m)
-        with autocast:
-            logits_BSV = engine(x_BS)
-        if objective is None:
-            ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.flatten())
-            main = ce
+        x_BS, y_BS = (t.to(engine.device) for t in batch(step, m))
+        if objective is None:  # the fused lm_head + cross-entropy: no [B·S, V] logits
+            with autocast:
+                ce = main = engine(x_BS, y_BS)
         else:
+            with autocast:
+                logits_BSV = engine(x_BS)
             main, ce = objective(x_BS, y_BS, logits_BSV)
         aux = model.aux_loss()
         loss = main + aux
