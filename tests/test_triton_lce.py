@@ -10,8 +10,11 @@ import os
 import pytest
 import torch
 
-from kernels.linear_cross_entropy import (linear_cross_entropy, linear_cross_entropy_reference,
-                                          linear_cross_entropy_triton)
+from kernels.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+    linear_cross_entropy_triton,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEV = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
