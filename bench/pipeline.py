@@ -1,4 +1,4 @@
-"""`make pipeline` from an empty workspace, timed: `dvc repro` then `python -m moeops.summary`
+"""`make pipeline` from an empty workspace, timed stage by stage: `dvc repro` then `python -m moeops.summary`
 (the Makefile's pipeline target minus the venv bootstrap) in a fresh `git clone` of this
 repository's HEAD, with this venv and its JIT-built DeepSpeed ops. Every stage metric the run
 writes (metrics/*.json: data, pretrain, distill, quantize, export, eval, gate) is kept, so the
@@ -50,19 +50,31 @@ def env(project: Path) -> dict:
                 PREFECT_HOME=str(project / ".prefect"), DVC_NO_ANALYTICS="1", DO_NOT_TRACK="1")
 
 
+def stages(project: Path) -> list[str]:
+    """dvc.yaml's stages in file order (which is their dependency order)."""
+    return list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+
+
 def run_once(project: Path, overrides: dict) -> dict:
+    """`dvc repro` one stage at a time (`--single-item`, in dependency order: the same work as one
+    `dvc repro`), each timed, then the summary."""
     commit = clone(project, overrides)
     log = project / "bench-pipeline.log"
+    stage_s = {}
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        for cmd in (["dvc", "repro"], [sys.executable, "-m", "moeops.summary"]):
+        cmds = [(name, ["dvc", "repro", "--single-item", name]) for name in stages(project)]
+        for name, cmd in [*cmds, ("summary", [sys.executable, "-m", "moeops.summary"])]:
+            t = time.perf_counter()
             proc = subprocess.run(cmd, cwd=project, env=env(project), stdout=out, stderr=subprocess.STDOUT)
+            stage_s[name] = round(time.perf_counter() - t, 1)
             if proc.returncode:
                 tail = log.read_text()[-3000:]
                 raise SystemExit(f"error: {' '.join(cmd)} exited {proc.returncode} in {project}:\n{tail}")
     wall = time.perf_counter() - t0
     metrics = {p.stem: json.loads(p.read_text()) for p in sorted((project / "metrics").glob("*.json"))}
-    return {"commit": commit, "wall_s": round(wall, 1), "metrics": metrics,
+    return {"commit": commit, "wall_s": round(wall, 1), "stage_s": stage_s,
+            "stage_share": {k: round(v / wall, 3) for k, v in stage_s.items()}, "metrics": metrics,
             "summary": log.read_text().split("\n")[-60:]}
 
 
@@ -86,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     target = verdict(wall, TARGET_S, higher_is_better=False) if not overrides else "n/a (params overridden)"
     result = {"repeats": a.repeats, "params_overrides": overrides, "wall_s": wall, "target_s": TARGET_S,
               "verdict": target, "runs": runs}
-    print(json.dumps({"wall_s": wall, "verdict": result["verdict"]}, indent=2))
+    print(json.dumps({"wall_s": wall, "verdict": result["verdict"], "stage_s": [r["stage_s"] for r in runs]}, indent=2))
     print(f"written {save('make_pipeline', 'bench.pipeline', argv, result)}")
 
 

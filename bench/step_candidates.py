@@ -29,7 +29,6 @@ from moeops.model import attention, moe
 from moeops.model.transformer import build_model
 from moeops.train.loop import make_optimizer
 
-
 # ---------------------------------------------------------------- the code each candidate replaced
 
 
