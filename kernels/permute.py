@@ -101,14 +101,15 @@ class _Unpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_MD, w_TK, order_M, inverse_N):
         ctx.save_for_backward(y_MD, w_TK, order_M, inverse_N)
-        return (_gather_copies(y_MD, inverse_N, w_TK.shape[1]) * w_TK[:, :, None]).sum(1)
+        # [T, 1, K] @ [T, K, D]: ~10x faster on CPU than (y_TKD * w_TK[..., None]).sum(1)
+        return torch.bmm(w_TK[:, None, :], _gather_copies(y_MD, inverse_N, w_TK.shape[1])).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad_TD):
         y_MD, w_TK, order_M, inverse_N = ctx.saved_tensors
         K = w_TK.shape[1]
         grad_MD = grad_TD.index_select(0, order_M // K)  # each sorted row's token gradient
-        grad_y = grad_MD * w_TK.reshape(-1)[order_M][:, None] if ctx.needs_input_grad[0] else None
+        grad_y = grad_MD * w_TK.reshape(-1).index_select(0, order_M)[:, None] if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             dot_M = (grad_MD * y_MD).sum(-1, keepdim=True)  # in sorted order; to token order by the inverse
