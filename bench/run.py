@@ -33,6 +33,8 @@ BENCHES: dict[str, tuple[str, list[str], str, str]] = {
     "canary": ("bench.canary", ["--repeats", "3"], "5 min", "make pipeline's exports and data/prepared; prometheus"),
     "tenants": ("bench.tenants", ["--repeats", "3", "--duration", "20"], "4 min",
                 "make pipeline's exports and data/prepared"),
+    "moe_layer": ("bench.moe_layer", ["--repeats", "5"], "2 min", "a CUDA GPU for the targets (on CPU: ratios only)"),
+    "grouped_gemm": ("bench.grouped_gemm", ["--repeats", "5"], "1 min", "a CUDA GPU and triton (else: skipped)"),
 }
 DEFAULT = ["train_step", "tokenize"]
 

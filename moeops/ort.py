@@ -8,7 +8,6 @@ Graph IO (L layers, C kv_lora_rank, R qk_rope_head_dim, V vocab; batch, seq, pas
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -48,8 +47,8 @@ class ProviderError(UserError, ValueError):
     and exit 2 from a stage (a UserError)."""
 
 
-@functools.cache
 def _nvidia_gpu() -> bool:
+    """Asked only of an onnxruntime-gpu build (nvidia-smi -L, ~50 ms: sessions are few)."""
     from moeops.export.tensorrt import nvidia_gpu  # torch-free; imported here (moeops.export imports this module)
 
     return nvidia_gpu() is not None
