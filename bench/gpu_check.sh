@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh: the GPU check of issue 13, one prepared script for a machine with a CUDA GPU,
-# at most 8 minutes in all (GPU_CHECK_BUDGET_S, default 480: each step's timeout is cut to what is left).
+# at most 8 minutes in all (GPU_CHECK_BUDGET_S, default 480: each step's timeout is cut to what is left;
+# GPU_CHECK_LIMITS=kernels=240,... changes a step's own timeout).
 #
 #   bash bench/gpu_check.sh [STEP ...]      steps: env nvidia-smi kernels moe_layer grouped_gemm pipeline
 #                                           (default: all, in that order; env always runs first)
@@ -34,8 +35,6 @@ ROOT=$PWD
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [[ -x $PY ]] || PY=$(command -v python3 || true)
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
-WORK=${GPU_CHECK_DIR:-$(mktemp -d -t moeops-gpu-check-XXXXXX)}
-mkdir -p "$WORK"
 export MOEOPS_BENCH_OUT=${MOEOPS_BENCH_OUT:-$ROOT/bench/results/gpu}
 export PYTHONHASHSEED=0 TORCH_EXTENSIONS_DIR=$ROOT/.torch_extensions PYTHONPATH=$ROOT
 PATH="$(dirname "${PY:-/usr/bin/python3}"):$PATH"
@@ -43,6 +42,18 @@ export PATH
 START=$SECONDS
 ALL_STEPS=(nvidia-smi kernels moe_layer grouped_gemm pipeline)
 declare -A LIMIT=([env]=60 [nvidia-smi]=15 [kernels]=120 [moe_layer]=75 [grouped_gemm]=60 [pipeline]=300)
+for kv in ${GPU_CHECK_LIMITS:+${GPU_CHECK_LIMITS//,/ }}; do  # e.g. GPU_CHECK_LIMITS=kernels=240,pipeline=400 (seconds per step)
+    [[ $kv =~ ^([a-z_-]+)=([0-9]+)$ && -v "LIMIT[${BASH_REMATCH[1]}]" ]] ||
+        { echo "error: GPU_CHECK_LIMITS: '$kv' is not STEP=SECONDS with a step of: ${!LIMIT[*]}" >&2; exit 2; }
+    LIMIT[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
+done
+steps=("$@")
+((${#steps[@]})) || steps=("${ALL_STEPS[@]}")
+for s in "${steps[@]}"; do
+    [[ -v "LIMIT[$s]" ]] || { echo "error: unknown step '$s'; steps: ${ALL_STEPS[*]}" >&2; exit 2; }
+done
+WORK=${GPU_CHECK_DIR:-$(mktemp -d -t moeops-gpu-check-XXXXXX)}
+mkdir -p "$WORK"
 ROWS=()
 FAILED=0
 LAST_RC=0
@@ -174,7 +185,7 @@ kernel_tests() {
         echo "no tests/test_triton_*.py in $ROOT: nothing to run"
         return 1
     fi
-    TRITON_INTERPRET=0 "$PY" -m pytest -q -x -p no:cacheprovider "${tests[@]}"
+    TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}"
 }
 
 pipeline() {
@@ -196,12 +207,6 @@ EOF
 
 export ROOT PY WORK
 export -f env_check kernel_tests pipeline
-
-steps=("$@")
-((${#steps[@]})) || steps=("${ALL_STEPS[@]}")
-for s in "${steps[@]}"; do
-    [[ -v "LIMIT[$s]" ]] || { echo "error: unknown step '$s'; steps: ${ALL_STEPS[*]}" >&2; exit 2; }
-done
 
 echo "moeops GPU check: $ROOT (HEAD $(git rev-parse --short HEAD 2>/dev/null)), python $PY, budget ${BUDGET_S} s"
 echo "results: $MOEOPS_BENCH_OUT   logs: $WORK"
