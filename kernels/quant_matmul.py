@@ -16,7 +16,8 @@ fp32, applying the per-block scale to each K tile's partial product (per-channel
 no dequantized weight is ever written to memory. `grouped_dequant_matmul[_triton]`: the same over
 expert-sorted rows (x_MK sorted by expert, counts_E rows each, codes q_ENB): programs own a tile
 of one expert's rows, built on device from counts_E (no host sync, no per-expert launch), as in a
-grouped GEMM; empty experts get no tiles.
+grouped GEMM; empty experts get no tiles. x may be fp32 (exact fp32 dots, not TF32), fp16 or
+bf16 (bf16 only compiled: the Triton interpreter's tl.dot does not handle bf16, triton#11584).
 """
 
 from __future__ import annotations

@@ -123,3 +123,18 @@ def test_grouped(request, counts, bits, block_size, N, K):
     close(grouped_dequant_matmul(x, c, q, s, bits, block_size), want)
     request.getfixturevalue("triton")
     close(grouped_dequant_matmul_triton(x.to(DEV), c.to(DEV), q.to(DEV), s.to(DEV), bits, block_size), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits, block_size", [(8, 0), (4, 32)])
+def test_triton_half_precision(triton, dtype, bits, block_size):
+    """Low-precision x: codes minus the zero point are exact in x's dtype, the dot accumulates in
+    fp32, y comes back in x's dtype."""
+    if dtype == torch.bfloat16 and INTERPRET:
+        pytest.skip("the Triton interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584)")
+    q, s = quantized((33, 64), bits, block_size)
+    x = x_rows(7, 64).to(dtype)
+    want = dequant_matmul_reference(x.float(), q, s, bits, block_size)
+    y = dequant_matmul_triton(x.to(DEV), q.to(DEV), s.to(DEV), bits, block_size)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float().cpu(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
