@@ -101,7 +101,8 @@ def test_huge_bias_routes_every_token_to_one_expert_and_permute_follows(triton):
     x = torch.randn(T, D, generator=gen)
     x_MD, counts, order, dropped = permute_triton(x, ids, E)
     assert counts.tolist() == [0, 0, T, 0] and dropped == 0
-    assert torch.equal(x_MD, x) and torch.equal(unpermute_triton(x_MD, order, w), unpermute(x_MD, order, w))
+    assert torch.equal(x_MD, x)
+    torch.testing.assert_close(unpermute_triton(x_MD, order, w), unpermute(x_MD, order, w))
 
 
 def make_dispatch(T, E, K, D, all_on_one=False, seed=0):
@@ -152,7 +153,9 @@ def test_permute_unpermute_triton_equal_torch_path(triton, T, E, K, D, all_on_on
     (x_MD, counts, order, dropped, out), grads = run_dispatch(permute_triton, unpermute_triton, x, ids, w, E,
                                                                capacity, grad_out)
     want, want_grads = run_dispatch(permute, unpermute, x, ids, w, E, capacity, grad_out)
-    assert all(same(a, b) for a, b in zip((x_MD, counts, order, dropped, out), want))
+    assert all(same(a, b) for a, b in zip((x_MD, counts, order, dropped), want))
+    # The CPU path combines with one BLAS bmm, whose rounding (FMA or not) depends on the CPU.
+    torch.testing.assert_close(out, want[4])
     assert torch.equal(grads[0], want_grads[0]) and torch.equal(grads[2], want_grads[2])  # d x, d y: gathers
     torch.testing.assert_close(grads[1], want_grads[1])  # d w: a dot over D, summed in another order
     assert (dropped > 0) == (capacity > 0)
