@@ -4,7 +4,7 @@ repository's HEAD, with this venv and its JIT-built DeepSpeed ops. Every stage m
 writes (metrics/*.json: data, pretrain, distill, quantize, export, eval, gate) is kept, so the
 quality, size, parity and evaluate-stage figures BENCHMARKS.md quotes come from this file too.
 
-    python -m bench.pipeline [--repeats 1] [--params overrides.yaml] [--keep DIR]
+    python -m bench.pipeline [--repeats 1] [--params overrides.yaml] [--keep DIR] [--cache DIR]
 
 --params merges a YAML of params sections into the clone's params.yaml (e.g. a debug flavor and
 a small corpus for a quick check). Uncommitted changes are not measured: commit first.
@@ -55,15 +55,19 @@ def stages(project: Path) -> list[str]:
     return list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
 
 
-def run_once(project: Path, overrides: dict) -> dict:
+def run_once(project: Path, overrides: dict, cache: Path | None = None) -> dict:
     """`dvc repro` one stage at a time (`--single-item`, in dependency order: the same work as one
     `dvc repro`), each timed, then the summary."""
     commit = clone(project, overrides)
+    if cache:  # outputs land in this DVC cache too: `dvc checkout` elsewhere after copying dvc.lock
+        subprocess.run(["dvc", "cache", "dir", "--local", str(cache.resolve())], cwd=project, env=env(project),
+                       check=True, capture_output=True)
     log = project / "bench-pipeline.log"
     stage_s = {}
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        cmds = [(name, ["dvc", "repro", "--single-item", name]) for name in stages(project)]
+        # --no-run-cache: a stage run before with the same deps (in a shared --cache) runs again.
+        cmds = [(name, ["dvc", "repro", "--single-item", "--no-run-cache", name]) for name in stages(project)]
         for name, cmd in [*cmds, ("summary", [sys.executable, "-m", "moeops.summary"])]:
             t = time.perf_counter()
             proc = subprocess.run(cmd, cwd=project, env=env(project), stdout=out, stderr=subprocess.STDOUT)
@@ -83,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--params", type=Path, help="YAML of params.yaml sections merged into the clone's")
     ap.add_argument("--keep", type=Path, help="keep the clones under this directory (default: a temp dir, removed)")
+    ap.add_argument("--cache", type=Path, help="the clones' DVC cache (e.g. this checkout's .dvc/cache)")
     a = ap.parse_args(argv)
     overrides = yaml.safe_load(a.params.read_text()) if a.params else {}
     runs = []
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             project = base / f"clone-{r}"
             if project.exists():
                 shutil.rmtree(project)
-            runs.append(run_once(project, overrides))
+            runs.append(run_once(project, overrides, a.cache))
             print(f"#{r}: {runs[-1]['wall_s']} s", flush=True)
     wall = spread((r["wall_s"] for r in runs), 1)
     target = verdict(wall, TARGET_S, higher_is_better=False) if not overrides else "n/a (params overridden)"
