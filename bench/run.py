@@ -18,7 +18,7 @@ from bench.common import machine  # noqa: F401  (bench scripts and older code im
 BENCHES: dict[str, tuple[str, list[str], str, str]] = {
     "train_step": ("bench.train_step", ["--repeats", "7"], "2 min", ""),
     "profile_step": ("bench.profile_step", [], "1 min", ""),
-    "compile_step": ("bench.compile_step", ["--repeats", "5"], "6 min", "a C++ compiler (inductor)"),
+    "step_candidates": ("bench.step_candidates", ["--repeats", "5"], "3 min", ""),
     "tokenize": ("bench.tokenize", ["--repeats", "3"], "1 min", ""),
     "inference": ("bench.inference", ["--rounds", "7"], "2 min", "make pipeline's models and exports"),
     "layouts": ("bench.distributed", ["layouts", "--steps", "8", "--repeats", "3"], "15 min", "data/prepared"),
