@@ -19,6 +19,17 @@ import yaml
 # Triton kernels (kernels/) compile on CUDA; elsewhere the Triton interpreter runs them on CPU tensors.
 # Read when @triton.jit decorates, so before any kernels module is imported.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+TRITON_INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
+TRITON_DEVICE = "cpu" if TRITON_INTERPRET or not torch.cuda.is_available() else "cuda"  # where kernel tests run
+
+
+@pytest.fixture
+def triton():
+    """The triton module; skips the test without it, or for compiled kernels without a CUDA GPU."""
+    mod = pytest.importorskip("triton")
+    if TRITON_DEVICE == "cpu" and not TRITON_INTERPRET:
+        pytest.skip("compiled Triton needs a CUDA GPU (set TRITON_INTERPRET=1 to interpret)")
+    return mod
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -539,7 +539,7 @@ def test_quality_probe_takes_the_jobs_flags(analysis):
 def _pins(path: Path) -> dict[str, str]:
     pins = {}
     for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()  # no comment, no environment marker
         if line:
             name, version = line.split("==")
             pins[canonicalize_name(name)] = version.strip()

@@ -5,20 +5,19 @@ multiples of the blocks, no rows at all). On CPU it runs under TRITON_INTERPRET=
 conftest), so the shapes stay tiny; on a CUDA machine with TRITON_INTERPRET=0 the same tests run
 the compiled kernels."""
 
-import os
 
 import pytest
 import torch
+from conftest import TRITON_DEVICE as DEV
+from conftest import TRITON_INTERPRET as INTERPRET
 
 pytest.importorskip("triton")
 
 import kernels.grouped_mlp as gm  # noqa: E402
 from kernels.grouped_mlp import BLOCK_M, grouped_swiglu, grouped_swiglu_reference, grouped_swiglu_triton  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("compiled Triton needs a CUDA GPU (set TRITON_INTERPRET=1 to interpret)", allow_module_level=True)
-DEV = "cpu" if INTERPRET else "cuda"
 
 CASES = [  # counts_E, D, F
     ([1], 24, 20),  # one row

@@ -5,28 +5,16 @@ of the kernel's block, ignored rows, a chunk larger than N, bf16 autocast, a sca
 and bitwise determinism. The PyTorch tests always run; the Triton ones run under TRITON_INTERPRET=1
 on CPU (set by conftest; tiny shapes) or compiled on CUDA, and skip when triton is absent."""
 
-import os
 
 import pytest
 import torch
+from conftest import TRITON_DEVICE as DEV
 
 from kernels.linear_cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
     linear_cross_entropy_triton,
 )
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEV = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-
-
-@pytest.fixture
-def triton():
-    mod = pytest.importorskip("triton")
-    if DEV == "cpu" and not INTERPRET:
-        pytest.skip("compiled Triton needs a CUDA GPU (set TRITON_INTERPRET=1 to interpret)")
-    return mod
-
 
 CASES = [  # N, D, V, chunk_size, ignore every k-th row (0: none)
     (1, 16, 100, 1024, 0),  # one token, chunk > N

@@ -6,11 +6,12 @@ expert-sorted rows (an expert with no rows, all rows on one expert). The PyTorch
 the Triton ones run under TRITON_INTERPRET=1 on CPU (set by conftest; tiny shapes) or compiled on
 CUDA, and skip when triton is absent."""
 
-import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import TRITON_DEVICE as DEV
+from conftest import TRITON_INTERPRET as INTERPRET
 
 from kernels.quant_matmul import (
     dequant_matmul,
@@ -22,18 +23,6 @@ from kernels.quant_matmul import (
     grouped_dequant_matmul_triton,
 )
 from moeops.compress.quantize import dequantize_symmetric, quantize_symmetric
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEV = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-
-
-@pytest.fixture
-def triton():
-    mod = pytest.importorskip("triton")
-    if DEV == "cpu" and not INTERPRET:
-        pytest.skip("compiled Triton needs a CUDA GPU (set TRITON_INTERPRET=1 to interpret)")
-    return mod
-
 
 CASES = [  # bits, block_size, M, N, K
     (8, 0, 5, 7, 48),  # per-channel, odd M and N, K < one K tile

@@ -12,11 +12,6 @@ from kernels.permute import permute, permute_reference, permute_triton, unpermut
 from kernels.routing import route, route_reference, route_triton
 
 
-@pytest.fixture
-def triton():
-    return pytest.importorskip("triton")
-
-
 def by_id(ids_TK, *tensors_TK):
     """Sort each token's K slots by expert id: routes agree as sets whatever the slot order."""
     order_TK = ids_TK.argsort(dim=1)
