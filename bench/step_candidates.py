@@ -64,31 +64,25 @@ def _old_unpermute(y_MD, order_M, topk_weights_TK):
     return (y_MD * w_M[:, None])[inverse_N].view(T, K, -1).sum(1)
 
 
-@contextlib.contextmanager
-def _patched(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
+# candidate -> the (object, attribute, old code) patches that revert it (fused_lce: make_step's loss)
 REVERT = {
-    "flash_sdpa": lambda: _patched(attention.MLA, "attend", _old_attend),
-    "rms_norm": lambda: _patched(attention.RMSNorm, "forward", _old_rms_forward),
+    "flash_sdpa": [(attention.MLA, "attend", _old_attend)],
+    "rms_norm": [(attention.RMSNorm, "forward", _old_rms_forward)],
+    "permute": [(moe, "permute", _old_permute), (moe, "unpermute", _old_unpermute)],
 }
 
 
-def _revert(names: list[str]) -> contextlib.ExitStack:
-    stack = contextlib.ExitStack()
-    for n in names:
-        if n == "permute":
-            stack.enter_context(_patched(moe, "permute", _old_permute))
-            stack.enter_context(_patched(moe, "unpermute", _old_unpermute))
-        elif n in REVERT:
-            stack.enter_context(REVERT[n]())
-    return stack
+@contextlib.contextmanager
+def _revert(names: list[str]):
+    patches = [patch for n in names for patch in REVERT.get(n, [])]
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+    for obj, attr, old in patches:
+        setattr(obj, attr, old)
+    try:
+        yield
+    finally:
+        for obj, attr, current in saved:
+            setattr(obj, attr, current)
 
 
 CANDIDATES = ["fused_lce", "flash_sdpa", "rms_norm", "permute"]
