@@ -66,6 +66,10 @@ FLAVORS: dict[str, dict[str, Any]] = {
                   top_k=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128, qk_nope_head_dim=32,
                   qk_rope_head_dim=16, v_head_dim=32, max_seq_len=256),
 }
+# `small` without experts, with the same active parameters per token: every layer a dense SwiGLU whose
+# hidden size matches the MoE layers' active hidden size (1 shared + top-4 routed experts of 128 = 640,
+# plus the first dense layer's 768: 4 × 672 ≈ 768 + 3 × 640). The peer of bench/dense_vs_moe.py.
+FLAVORS["dense"] = FLAVORS["small"] | dict(first_k_dense_replace=4, inter_dim=672)
 
 
 def check_model_args(a: ModelArgs) -> None:
@@ -177,6 +181,9 @@ class PrepareParams(Section):
     max_skipped_bytes_fraction: float = Field(0.05, ge=0, le=1)  # of the corpus's bytes
     min_bytes_per_token: float = Field(1.5, gt=0)
     max_bytes_per_token: float = Field(8.0, gt=0)
+    # The largest val document's share of the val tokens the evaluation scores (each document capped at
+    # evaluate.max_tokens_per_doc): above it, one file would dominate the headline bits-per-byte.
+    max_val_doc_share: float = Field(0.15, gt=0, le=1)
 
     @model_validator(mode="after")
     def _ranges(self):
@@ -351,7 +358,10 @@ class DistillParams(Section):
 
 class EvaluateParams(Section):
     batch_size: int = Field(8, ge=1)
-    max_tokens: int = Field(200_000, ge=1)  # cap on val tokens scored (0 would mean nothing)
+    # The shared val evaluation (moeops/evaluate/scoring.py; pretrain and gate use it too): every val
+    # document, each capped at this many tokens, scored in windows of the model's context every `stride`.
+    max_tokens_per_doc: int = Field(8192, ge=1)
+    stride: int = Field(128, ge=1)  # <= the context of every model scored (checked when scoring)
     speed_tokens: int = Field(4096, ge=1)  # tokens timed for inference tokens/s
     decode_prompt_len: int = Field(64, ge=1)  # every variant: prefill latency of this prompt ...
     decode_new_tokens: int = Field(32, ge=1)  # ... then decode tokens/s over this many cached steps
@@ -406,7 +416,6 @@ class GateParams(Section):
     confidence: float = Field(0.95, gt=0.5, lt=1)  # ... allowed at this one-sided bootstrap confidence
     bootstrap_samples: int = Field(2000, ge=100)
     seed: int = 0
-    max_tokens: int = Field(400_000, ge=1)  # val documents are scored in order until this many tokens
     batch_size: int = Field(8, ge=1)
     threads: int = Field(0, ge=0)
 
