@@ -361,7 +361,7 @@ class EvaluateParams(Section):
     # The shared val evaluation (moeops/evaluate/scoring.py; pretrain and gate use it too): every val
     # document, each capped at this many tokens, scored in windows of the model's context every `stride`.
     max_tokens_per_doc: int = Field(8192, ge=1)
-    stride: int = Field(128, ge=1)  # <= the context of every model scored (checked when scoring)
+    stride: int = Field(128, ge=1)  # a model with a shorter context uses its context (independent windows)
     speed_tokens: int = Field(4096, ge=1)  # tokens timed for inference tokens/s
     decode_prompt_len: int = Field(64, ge=1)  # every variant: prefill latency of this prompt ...
     decode_new_tokens: int = Field(32, ge=1)  # ... then decode tokens/s over this many cached steps
@@ -511,6 +511,26 @@ class RolloutParams(Section):
     consecutive_error_limit: int = Field(4, ge=0)  # measurements that could not be taken in a row (Argo: 4)
 
 
+class SearchParams(Section):
+    """The architecture search (`make search`, bench/arch_search.py): one `dvc exp run --queue` experiment
+    per grid point, each the pretrain stage with `pretrain.model` = the point on top of `flavor`,
+    `steps` steps; `dvc queue start -j workers`. Points should keep the active parameters fixed."""
+
+    flavor: str = "tiny"
+    steps: int = Field(200, ge=1)
+    workers: int = Field(1, ge=1)  # queue workers; each trains with all cores / workers threads
+    grid: list[dict[str, Any]] = Field(default_factory=list, min_length=1)
+
+    @model_validator(mode="after")
+    def _points(self):
+        for i, point in enumerate(self.grid):
+            try:
+                make_model_args(self.flavor, point)
+            except ValueError as e:
+                raise ValueError(f"grid[{i}].{e}") from None
+        return self
+
+
 SECTIONS: dict[str, type[Section]] = {
     "corpus": CorpusParams,
     "prepare": PrepareParams,
@@ -524,6 +544,7 @@ SECTIONS: dict[str, type[Section]] = {
     "flow": FlowParams,
     "serve": ServeParams,
     "rollout": RolloutParams,
+    "search": SearchParams,
 }
 
 

@@ -7,7 +7,8 @@ comparable across tokenizers: a document's sequence is EOS, its tokens, and a cl
 document is complete (a capped one does not end there). Sequences longer than the model's context
 are scored in sliding windows: a window of `seq_len` tokens every `stride` tokens, each scoring only
 the targets the previous window did not, so after the first window every token sees at least
-`seq_len - stride` tokens before it (stride = seq_len: independent windows, the cheapest).
+`seq_len - stride` tokens before it (stride = seq_len: independent windows, the cheapest; a stride
+above a model's context is that model's context).
 
 Reported: micro bits-per-byte (all scored bits over all scored bytes), macro (the mean of the
 documents' bits-per-byte), and gzip -9, xz -9e and PPMd order 16 (7-Zip's PPMd var. H) on exactly
@@ -102,8 +103,9 @@ def score_documents(logits_fn: LogitsFn, tokenizer_path: Path, docs: list[Docume
     (tokens seen before each target, its own input included). Windows are batched longest first and
     right-padded (causal attention: padding after a position cannot change it; padded and already
     scored targets are ignored)."""
-    if not 1 <= stride <= seq_len:
-        raise UserError(f"evaluate.stride: {stride} must be between 1 and the model's context {seq_len}")
+    if stride < 1:
+        raise UserError(f"evaluate.stride: must be >= 1, got {stride}")
+    stride = min(stride, seq_len)
     tok = load_tokenizer(tokenizer_path)
     eos = tok.token_to_id(EOS)
     if eos is None:
