@@ -20,7 +20,9 @@ METRICS = Path("metrics/data.json")
 
 def main() -> dict:
     params = load_section("prepare")
-    metrics = prepare(params, MANIFEST, OUT, REPORTS, METRICS)
+    # The evaluation's cap per val document: the suite bounds the largest one's share after it.
+    max_tokens_per_doc = load_section("evaluate").max_tokens_per_doc
+    metrics = prepare(params, MANIFEST, OUT, REPORTS, METRICS, max_tokens_per_doc)
     splits = ", ".join(f"{s} {metrics[s]['n_docs']} docs / {metrics[s]['n_tokens']} tokens" for s in ("train", "val"))
     skipped = sum(metrics["skipped"].values())
     print(f"prepare: {splits}; {skipped} skipped ({metrics['skipped']['empty']} empty, "

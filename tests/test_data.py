@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from moeops.cli import DataValidationError, UserError
-from moeops.config import PrepareParams, load_section
+from moeops.config import EvaluateParams, PrepareParams, load_section
 from moeops.data import corpus as corpus_mod
 from moeops.data import prepare as prep
 from moeops.io import sha256_file
@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the model routes each token to a few experts while shared experts see every token and the "
          "router learns which expert fits best given load balance bias updates data pipeline stage cache "
          "tokenizer merges bytes into pieces train validation split hash document corpus").split()
+CAP = EvaluateParams().max_tokens_per_doc  # the evaluation's default cap per val document
 PREPARE = {"vocab_size": 300, "val_fraction": 0.25, "val_fraction_tolerance": 0.2, "max_skipped_fraction": 0.02,
            "min_bytes_per_token": 1.0, "max_bytes_per_token": 8.0}
 
@@ -66,8 +67,9 @@ def make_corpus(folder: Path, n_train: int = 30, n_val: int = 10, seed: int = 0,
     return folder
 
 
-def write_params(root: Path, source, **prepare) -> None:
-    params = {"corpus": {"source": source, "extensions": [".txt"]}, "prepare": {**PREPARE, **prepare}}
+def write_params(root: Path, source, evaluate: dict | None = None, **prepare) -> None:
+    params = {"corpus": {"source": source, "extensions": [".txt"]}, "prepare": {**PREPARE, **prepare},
+              "evaluate": evaluate or {}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
@@ -152,7 +154,8 @@ def test_prepare_outputs(good):
     assert meta["vocab_size"] == 300 and meta["dtype"] == "uint16" and meta["eos_id"] == 0
     assert meta["source_manifest_sha256"] == sha256_file(manifest)
     docs = pd.read_parquet(out / "docs.parquet")
-    assert list(docs.columns) == ["path", "sha256", "n_bytes", "n_tokens", "split", "status", "max_token_id"]
+    assert list(docs.columns) == ["path", "document", "sha256", "n_bytes", "n_tokens", "split", "status",
+                                  "max_token_id"]
     assert len(docs) == 45 and docs.status.value_counts().to_dict() == {"kept": 43, "duplicate": 1, "empty": 1}
     for split in ("train", "val"):
         tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
@@ -188,6 +191,10 @@ def test_prepare_outputs(good):
     largest = val.loc[val.n_bytes.idxmax()]  # the tokens share is the same (largest by bytes) document's
     assert metrics["val"]["largest_doc"] == largest.path
     assert metrics["val"]["largest_doc_tokens_share"] == round(largest.n_tokens / val.n_tokens.sum(), 4)
+    # Every val document is under the default cap, so the evaluation scores all val tokens (EOS aside).
+    assert metrics["val"]["scored"] == {"max_tokens_per_doc": CAP, "n_tokens": val.n_tokens.sum(),
+                                        "largest_doc": val.path[val.n_tokens.idxmax()],
+                                        "largest_doc_tokens_share": round(val.n_tokens.max() / val.n_tokens.sum(), 4)}
     assert all({"name", "column", "success", "observed"} <= set(e) for e in summary["expectations"])
     assert (root / "reports" / "data" / "docs" / "index.html").is_file()
 
@@ -323,7 +330,7 @@ def test_no_documents_left(tmp_path):
     assert len(entries) == 2
     with pytest.raises(UserError, match=r"no documents left in .*m.jsonl after filtering \(empty: 1, binary: 1\)"):
         prep.prepare(PrepareParams(**PREPARE), tmp_path / "m.jsonl", tmp_path / "out", tmp_path / "rep",
-                     tmp_path / "metrics.json")
+                     tmp_path / "metrics.json", CAP)
     assert not (tmp_path / "out").exists()
 
 
@@ -497,6 +504,18 @@ def test_split_stable_as_corpus_grows(tmp_path):
     assert {k: after.get(k) for k in before} == before
 
 
+def test_dedup_keeps_the_same_copy_wherever_sources_live(tmp_path):
+    """Two sources holding one text twice, as a.txt and b.txt: whichever source's directory sorts first
+    on this machine, the copy kept (and so the split its text lands in) is a.txt, the first by name."""
+    for layout, (dir_a, dir_b) in {"one": ("x", "y"), "other": ("y", "x")}.items():
+        for folder, name in ((dir_a, "a.txt"), (dir_b, "b.txt")):
+            (tmp_path / layout / folder).mkdir(parents=True)
+            (tmp_path / layout / folder / name).write_text("the same text in two places\n")
+        manifest = tmp_path / layout / "m.jsonl"
+        corpus_mod.write_manifest([str(tmp_path / layout / "y"), str(tmp_path / layout / "x")], [".txt"], manifest)
+        assert kept_splits(manifest) == {"a.txt": prep.split_of("a.txt", 0.25)}, layout
+
+
 def test_chunk_lines():
     data = "".join(f"line {i} " + "é" * (i % 7) + "\n" for i in range(200)).encode()
     chunks = prep.chunk_lines(data, 100)
@@ -522,6 +541,10 @@ def test_oversized_documents_split_or_dropped():
         assert rows.path.tolist() == [f"{doc.identity}#{k}" for k in range(len(rows))]
         assert set(rows.split) == {prep.split_of(doc.identity, 0.5)} and rows.n_bytes.sum() == len(doc.data)
     assert set(table.split) == {"train", "val"}
+    # The evaluation caps a val document as a whole: 100 tokens a chunk, capped at 250 per document.
+    chunks = table[table.split == "val"].groupby("document", sort=False).size()
+    assert (chunks >= 2).all() and prep.scored_tokens(table.assign(n_tokens=100), 250).to_dict() == {
+        doc: min(100 * n, 250) for doc, n in chunks.items()}
     table, texts = prep.filter_documents(docs, p.model_copy(update={"oversized": "drop"}))
     assert table.status.tolist() == ["oversized"] * 20 and not texts
     assert prep.skipped_bytes(table)["oversized"] == sum(len(d.data) for d in docs)
@@ -540,7 +563,7 @@ def prepare_in(root: Path, source, extensions, **params) -> dict:
     """corpus + prepare in-process (GX is imported once per test process) into root/{data,reports,metrics}."""
     corpus_mod.write_manifest(source, extensions, root / "m.jsonl")
     return prep.prepare(PrepareParams(**{**PREPARE, **params}), root / "m.jsonl", root / "data" / "prepared",
-                        root / "reports" / "data", root / "metrics" / "data.json")
+                        root / "reports" / "data", root / "metrics" / "data.json", CAP)
 
 
 def test_oversized_bytes_bounded(tmp_path):
@@ -568,6 +591,54 @@ def test_oversized_bytes_bounded(tmp_path):
     assert chunks.n_bytes.sum() == big and chunks.split.nunique() == 1 and (chunks.status == "kept").all()
 
 
+def test_val_doc_share_bounded_after_cap(tmp_path):
+    """One val file of ~3,000 tokens beside ten of ~500: ~38% of the val tokens, over max_val_doc_share=0.15,
+    so the suite stops the stage (one line, nothing written). With evaluate.max_tokens_per_doc at 800 it
+    weighs 800 tokens in the evaluation, 14% of them: it passes, and metrics/data.json's val "scored"
+    holds what moeops.evaluate.scoring's val_documents then scores."""
+    from moeops.evaluate.scoring import val_documents
+    from moeops.model.io import load_tokenizer
+    from stages import corpus as corpus_stage
+    from stages import prepare as prepare_stage
+
+    src = make_corpus(tmp_path / "src")
+    big = named_for_split(src, "big", "val", 0.25)
+    big.write_text(big_text(40))
+    write_params(tmp_path, "src")
+    run_in(tmp_path, corpus_stage.main)
+    before = seed_prepared(tmp_path)
+    with pytest.raises(DataValidationError) as e:
+        run_in(tmp_path, prepare_stage.main)
+    assert_untouched(tmp_path, before)
+    assert not (tmp_path / "metrics" / "data.json").exists()
+    summary = json.loads((tmp_path / "reports" / "data" / "summary.json").read_text())
+    failed = [(r["column"], r["per_split"]["largest_doc_scored_share"]["train"]) for r in summary["expectations"]
+              if not r["success"]]
+    assert failed == [("largest_doc_scored_share", None)]  # the train row is null: GX checks val's alone
+
+    write_params(tmp_path, "src", evaluate={"max_tokens_per_doc": 800})
+    metrics = run_in(tmp_path, prepare_stage.main)
+    prepared = tmp_path / "data" / "prepared"
+    docs = pd.read_parquet(prepared / "docs.parquet")
+    val = docs[(docs.status == "kept") & (docs.split == "val")].set_index("path").n_tokens
+    assert val[big.name] > 800 > val.drop(big.name).max()  # the cap cuts the big file only
+    # The failure above, from the same documents' token counts (the cap changes no tokenization).
+    assert str(e.value) == (f"expect_column_values_to_be_between(largest_doc_scored_share): val document {big.name} "
+                            f"is {100 * val[big.name] / val.sum():.3g}% of the {val.sum()} val tokens scored (each "
+                            f"document capped at evaluate.max_tokens_per_doc={CAP}) > max_val_doc_share=0.15; "
+                            "lower the cap or add val documents")
+    n_scored = val.drop(big.name).sum() + 800
+    assert metrics["val"]["scored"] == {"max_tokens_per_doc": 800, "n_tokens": n_scored, "largest_doc": big.name,
+                                        "largest_doc_tokens_share": round(800 / n_scored, 4)}
+    assert 800 / n_scored <= 0.15
+    assert json.loads((tmp_path / "metrics" / "data.json").read_text())["val"]["scored"]["n_tokens"] == n_scored
+    # The evaluation's own reading of data/prepared scores those documents and tokens.
+    tok = load_tokenizer(prepared / "tokenizer.json")
+    scored = {d.name: (d.complete, len(tok.encode(d.text, add_special_tokens=False).ids))
+              for d in val_documents(prepared, 800)}
+    assert scored == {name: (n <= 800, min(n, 800)) for name, n in val.items()}
+
+
 def test_extensionless_corpus_and_empty_files(tmp_path):
     """A directory of license texts without suffixes ("GPL-2") or with odd ones ("Apache-2.0") is a corpus
     with extensions ["*"]; empty files are counted as "empty" but never count against the limits."""
@@ -582,14 +653,16 @@ def test_extensionless_corpus_and_empty_files(tmp_path):
     (src / ".hidden").write_text("hidden files are never taken")
     assert len(corpus_mod.list_corpus(str(src), [""])) == 19  # no suffix: GPL-* and the __init__ files
     assert len(corpus_mod.list_corpus(str(src), ["*"])) == 34
-    metrics = prepare_in(tmp_path, str(src), ["*"], max_skipped_fraction=0.0, max_skipped_bytes_fraction=0.0)
+    # 7 val documents of equal length: each is ~1/7 of val, over the default max_val_doc_share.
+    metrics = prepare_in(tmp_path, str(src), ["*"], max_skipped_fraction=0.0, max_skipped_bytes_fraction=0.0,
+                         max_val_doc_share=0.25)
     assert metrics["skipped"]["empty"] == 4 and metrics["skipped_bytes_fraction"] == 0
     assert metrics["train"]["n_docs"] + metrics["val"]["n_docs"] == 30
     before = {p.name: p.read_bytes() for p in (tmp_path / "data" / "prepared").iterdir()}
 
     (src / "logo").write_bytes(BAD_FILES["binary"])  # 1 of 31 non-empty documents: 3.23% (of 35: 2.86%)
     with pytest.raises(DataValidationError) as e:
-        prepare_in(tmp_path, str(src), ["*"], max_skipped_fraction=0.0)
+        prepare_in(tmp_path, str(src), ["*"], max_skipped_fraction=0.0, max_val_doc_share=0.25)
     assert str(e.value) == ("expect_column_values_to_be_in_set(status): 3.23% of documents skipped (binary: 1) > "
                             "max_skipped_fraction=0.0")
     assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "prepared").iterdir()} == before

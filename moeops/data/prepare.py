@@ -5,11 +5,13 @@ Outputs (all written into a temp dir, then moved into place with one rename; met
 counts the EOS after each document, docs.parquet's n_tokens does not):
   data/prepared/{tokenizer.json, train.bin, val.bin, train.idx.npy, val.idx.npy, meta.json, docs.parquet}
   reports/data/{docs/ (GX Data Docs), summary.json}   also written when the suite fails
-  metrics/data.json                                    on success only
+  metrics/data.json                                    on success only; val's "scored": what the evaluation scores
 
 A document's identity decides its split and belongs to the document alone: a file's name relative to
 its configured source root (the manifest's `name`), a .jsonl line's "id" or content hash. An oversized
-document may be split into chunks "<identity>#<k>", which all follow the document's split.
+document may be split into chunks "<identity>#<k>", which all follow the document's split. Documents are
+read in the order of their names (not of the manifest's absolute paths), so which of two identical files
+dedup keeps, and so the val set, is the same on every machine.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ SKIP_REASONS = ("invalid_utf8", "empty", "binary", "too_small", "oversized", "du
 # Empty files (every package's empty __init__.py) are counted and reported, but are no loss of text, so
 # the suite's skipped-document and skipped-byte limits count only these reasons.
 COUNTED_SKIPS = tuple(r for r in SKIP_REASONS if r != "empty")
-DOC_COLUMNS = ["path", "sha256", "n_bytes", "n_tokens", "split", "status", "max_token_id"]  # docs.parquet
+DOC_COLUMNS = ["path", "document", "sha256", "n_bytes", "n_tokens", "split", "status", "max_token_id"]  # docs.parquet
 # The gate scores the val split per document (a paired bootstrap over documents) in bits per byte.
 # Rules of thumb, not measurements: below ~30 documents a bootstrap over documents is a poor stand-in
 # for the sampling distribution (one document swings it), and below ~100 KB of text a 1% difference
@@ -125,7 +127,9 @@ def load_documents(entries: list[dict], manifest: Path) -> list[RawDoc]:
     split depends neither on where Python is installed nor on which other files the corpus holds."""
     docs: list[RawDoc] = []
     with tqdm(total=sum(e["size"] for e in entries), unit="B", unit_scale=True, desc="read", disable=None) as bar:
-        for entry in entries:
+        # By name, not by the manifest's absolute paths: with several sources those sort by where each
+        # source lives, and of two identical files dedup keeps the first.
+        for entry in sorted(entries, key=lambda e: e["name"]):
             data = read_verified(entry, manifest)
             name = entry["name"]
             if entry["path"].endswith(".jsonl"):
@@ -195,12 +199,11 @@ def chunk_lines(data: bytes, max_bytes: int) -> list[bytes]:
 
 
 def filter_documents(docs: list[RawDoc], p: Any) -> tuple[pd.DataFrame, list[str]]:
-    """The docs table (one row per document or chunk, kept and skipped, in manifest order) and the kept
-    texts aligned with its kept rows. With `p.oversized == "split"` an oversized document becomes one row
-    per chunk (`chunk_lines`), path "<identity>#<k>", each judged like a document; every row's `document`
-    column (in memory for the suite, not in docs.parquet) is the identity its split is drawn from, so
-    all chunks of a document land in one split. With dedup the first document (by path order) of a
-    content wins."""
+    """The docs table (one row per document or chunk, kept and skipped, in the order of `docs`) and the
+    kept texts aligned with its kept rows. With `p.oversized == "split"` an oversized document becomes one
+    row per chunk (`chunk_lines`), path "<identity>#<k>", each judged like a document; every row's
+    `document` column is the identity its split is drawn from, so all chunks of a document land in one
+    split (and the evaluation caps them together). With dedup the first document of a content wins."""
     rows, texts, seen = [], [], set()
     for doc in docs:
         status, text = classify(doc.data, p.min_doc_bytes, p.max_doc_bytes)
@@ -219,7 +222,7 @@ def filter_documents(docs: list[RawDoc], p: Any) -> tuple[pd.DataFrame, list[str
                          "n_tokens": 0, "split": split if kept else "", "status": status, "max_token_id": -1})
             if kept:
                 texts.append(text)
-    table = pd.DataFrame(rows, columns=[*DOC_COLUMNS[:1], "document", *DOC_COLUMNS[1:]])
+    table = pd.DataFrame(rows, columns=DOC_COLUMNS)
     return table.astype({"n_bytes": "int64", "n_tokens": "int64", "max_token_id": "int64"}), texts
 
 
@@ -250,6 +253,24 @@ def split_composition(docs: pd.DataFrame, split: str) -> dict[str, Any]:
     return {"n_bytes": n_bytes, "n_source_docs": len(per_doc), "largest_doc": largest,
             "largest_doc_bytes_share": round(per_doc.n_bytes[largest] / n_bytes, 4) if n_bytes else None,
             "largest_doc_tokens_share": round(per_doc.n_tokens[largest] / n_tokens, 4) if n_tokens else None}
+
+
+def scored_tokens(docs: pd.DataFrame, max_tokens_per_doc: int) -> pd.Series:
+    """Each val source document's tokens as the evaluation scores them (moeops.evaluate.scoring's
+    `val_documents`): its chunks' own tokens (EOS aside) together, capped at `max_tokens_per_doc`;
+    indexed by document, in docs order."""
+    kept = docs[(docs.status == "kept") & (docs.split == "val")]
+    return kept.groupby("document", sort=False).n_tokens.sum().clip(upper=max_tokens_per_doc)
+
+
+def scored_composition(docs: pd.DataFrame, max_tokens_per_doc: int) -> dict[str, Any]:
+    """The val tokens the evaluation scores and the largest document's share of them (of documents tied
+    at the cap, the first in docs order)."""
+    per_doc = scored_tokens(docs, max_tokens_per_doc)
+    n_tokens = int(per_doc.sum())
+    largest = per_doc.idxmax() if n_tokens else None
+    return {"max_tokens_per_doc": max_tokens_per_doc, "n_tokens": n_tokens, "largest_doc": largest,
+            "largest_doc_tokens_share": round(per_doc[largest] / n_tokens, 4) if n_tokens else None}
 
 
 def val_warnings(val: dict[str, Any]) -> list[str]:
@@ -347,7 +368,7 @@ def make_meta(vocab_size: int, dtype: str, docs: pd.DataFrame, encoded: dict, ma
             "source_manifest_sha256": manifest_sha256}
 
 
-def make_metrics(meta: dict, docs: pd.DataFrame, splits: pd.DataFrame, seconds: dict) -> dict:
+def make_metrics(meta: dict, docs: pd.DataFrame, splits: pd.DataFrame, seconds: dict, max_tokens_per_doc: int) -> dict:
     bpt = splits.set_index("split").bytes_per_token
     metrics: dict[str, Any] = {
         split: {"n_docs": s["n_docs"], "n_tokens": s["n_tokens"],
@@ -355,6 +376,7 @@ def make_metrics(meta: dict, docs: pd.DataFrame, splits: pd.DataFrame, seconds: 
                 **split_composition(docs, split)}
         for split, s in meta["splits"].items()
     }
+    metrics["val"]["scored"] = scored_composition(docs, max_tokens_per_doc)
     metrics["skipped"] = skipped_counts(docs)
     metrics["skipped_bytes"] = skipped_bytes(docs)
     metrics["skipped_bytes_fraction"] = round(skipped_bytes_fraction(docs), 6)
@@ -373,14 +395,15 @@ def temp_dir_beside(final: Path) -> Path:
     return tmp
 
 
-def validate_and_report(reports: Path, tables: dict[str, pd.DataFrame], params: Any) -> list[dict]:
+def validate_and_report(reports: Path, tables: dict[str, pd.DataFrame], params: Any,
+                        max_tokens_per_doc: int) -> list[dict]:
     """Run the GX suite, writing Data Docs and summary.json into `reports` (replaced as a whole, and
     written whether or not the suite passes: the Data Docs are how a user reads a failure)."""
     from moeops.data.validate import run_suite
 
     tmp = temp_dir_beside(reports)
     try:
-        records = run_suite(tables, params, tmp / "docs")
+        records = run_suite(tables, params, tmp / "docs", max_tokens_per_doc)
         docs = tables["docs"]
         summary = {"success": all(r["success"] for r in records), "expectations": records,
                    "skipped": {reason: {"docs": n, "bytes": b} for (reason, n), b
@@ -396,9 +419,10 @@ def validate_and_report(reports: Path, tables: dict[str, pd.DataFrame], params: 
 # ---------------------------------------------------------------- the stage
 
 
-def prepare(p: Any, manifest: Path, out: Path, reports: Path, metrics_path: Path) -> dict:
-    """The whole stage. Raises UserError for bad input and DataValidationError when the suite fails;
-    in both cases `out` is left exactly as it was."""
+def prepare(p: Any, manifest: Path, out: Path, reports: Path, metrics_path: Path, max_tokens_per_doc: int) -> dict:
+    """The whole stage. `max_tokens_per_doc` is the evaluation's cap per val document (evaluate's), which
+    the suite's bound on the largest val document's share applies after. Raises UserError for bad input
+    and DataValidationError when the suite fails; in both cases `out` is left exactly as it was."""
     from moeops.data.validate import split_table, with_derived_columns
 
     docs_in = load_documents(read_manifest(manifest), manifest)
@@ -432,9 +456,9 @@ def prepare(p: Any, manifest: Path, out: Path, reports: Path, metrics_path: Path
         except OSError as e:
             raise UserError(f"{out}: cannot write ({e.strerror})") from None
         t0 = time.perf_counter()
-        splits = split_table(tmp, docs, dtype, EOS_ID)
+        splits = split_table(tmp, docs, dtype, EOS_ID, max_tokens_per_doc)
         tables = {"splits": splits, "docs": with_derived_columns(docs)}  # failures print in this order
-        records = validate_and_report(reports, tables, p)
+        records = validate_and_report(reports, tables, p, max_tokens_per_doc)
         seconds["validate"] = time.perf_counter() - t0
         failed = [r for r in records if not r["success"]]
         if failed:
@@ -445,6 +469,6 @@ def prepare(p: Any, manifest: Path, out: Path, reports: Path, metrics_path: Path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    metrics = make_metrics(meta, docs, splits, seconds)
+    metrics = make_metrics(meta, docs, splits, seconds, max_tokens_per_doc)
     atomic_write_json(metrics_path, metrics)
     return metrics

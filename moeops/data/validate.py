@@ -1,12 +1,13 @@
 """Great Expectations 1.x suite over the prepared data.
 
 Two tables are validated:
-  docs    one row per source document or chunk (kept and skipped), from docs.parquet plus the in-memory
-          `document` column (the identity a chunk's split follows), plus derived columns
+  docs    one row per source document or chunk (kept and skipped), docs.parquet's (whose `document` is the
+          identity a chunk's split follows), plus derived columns
           (`in_both_splits`, `document_in_both_splits`, `is_val`, `skipped_bytes_share`) that turn
           cross-row properties into per-row checks;
   splits  one row per split, computed by reading the written train/val .bin and .idx.npy files back,
-          so the suite checks what is on disk, not what the encoder meant to write.
+          so the suite checks what is on disk, not what the encoder meant to write; and, on the val row,
+          the largest document's share of the val tokens the evaluation scores (after its cap).
 
 GX takes several seconds to import, so it is imported inside `run_suite` only, after the tokenizer
 work. Each failed expectation becomes one line naming it and its observed value (`failure_lines`).
@@ -24,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from moeops.data.prepare import COUNTED_SKIPS
+from moeops.data.prepare import COUNTED_SKIPS, scored_tokens
 
 SPLITS = ("train", "val")
 
@@ -49,8 +50,10 @@ def offsets_consistent(tokens: np.ndarray, offsets: np.ndarray, eos_id: int) -> 
     return bool((tokens[ends] == eos_id).all()) and int((tokens == eos_id).sum()) == len(ends)
 
 
-def split_table(prepared: Path, docs: pd.DataFrame, dtype: str, eos_id: int) -> pd.DataFrame:
-    """One row per split from the token files on disk, next to what the docs table says it should hold."""
+def split_table(prepared: Path, docs: pd.DataFrame, dtype: str, eos_id: int, max_tokens_per_doc: int) -> pd.DataFrame:
+    """One row per split from the token files on disk, next to what the docs table says it should hold.
+    `largest_doc_scored_share` is null on the train row (GX skips nulls), so its check is val's alone."""
+    scored = scored_tokens(docs, max_tokens_per_doc)
     rows = []
     for split in SPLITS:
         tokens, offsets = read_split(prepared, split, dtype)
@@ -69,6 +72,7 @@ def split_table(prepared: Path, docs: pd.DataFrame, dtype: str, eos_id: int) -> 
             # None (not 0) for an empty split: the n_docs check already reports it, once.
             "bytes_per_token": n_bytes / content_tokens if content_tokens > 0 else None,
             "idx_consistent": offsets_consistent(tokens, offsets, eos_id),
+            "largest_doc_scored_share": scored.max() / scored.sum() if split == "val" and scored.sum() else None,
         })
     return pd.DataFrame(rows)
 
@@ -80,8 +84,6 @@ def with_derived_columns(docs: pd.DataFrame) -> pd.DataFrame:
     kept documents (GX aggregates skip nulls); `skipped_bytes_share`: a skipped (not empty) row's share
     of all the corpus's bytes, 0 otherwise, so the column's sum is the skipped byte fraction."""
     docs = docs.copy()
-    if "document" not in docs:  # a docs.parquet read back: no chunks are told apart from their documents
-        docs.insert(1, "document", docs.path)
     kept = docs.status == "kept"
     n_splits = docs[kept].groupby("sha256").split.nunique()
     docs["in_both_splits"] = kept & docs.sha256.map(n_splits).fillna(0).gt(1)
@@ -200,8 +202,19 @@ def explain_document_leak(t: dict[str, pd.DataFrame]) -> str:
     return f"chunks of {leaked.document.nunique()} documents sit in both train and val ({examples(leaked.document)})"
 
 
-def build_checks(gx: Any, p: Any) -> list[Check]:
-    """The suite, with thresholds from PrepareParams `p`. `gx` is the imported great_expectations module."""
+def explain_val_doc_share(max_share: float, max_tokens_per_doc: int) -> Callable[[dict[str, pd.DataFrame]], str]:
+    def explain(t):
+        scored = scored_tokens(t["docs"], max_tokens_per_doc)
+        largest = scored.idxmax()
+        return (f"val document {largest} is {pct(scored[largest] / scored.sum())} of the {int(scored.sum())} val "
+                f"tokens scored (each document capped at evaluate.max_tokens_per_doc={max_tokens_per_doc}) > "
+                f"max_val_doc_share={max_share}; lower the cap or add val documents")
+    return explain
+
+
+def build_checks(gx: Any, p: Any, max_tokens_per_doc: int) -> list[Check]:
+    """The suite, with thresholds from PrepareParams `p` and the evaluation's cap per val document.
+    `gx` is the imported great_expectations module."""
     E = gx.expectations
     from great_expectations.expectations.row_conditions import Column
 
@@ -218,6 +231,9 @@ def build_checks(gx: Any, p: Any) -> list[Check]:
         Check("splits", E.ExpectColumnValuesToBeBetween(column="bytes_per_token", min_value=p.min_bytes_per_token,
                                                         max_value=p.max_bytes_per_token),
               explain_bytes_per_token(p.min_bytes_per_token, p.max_bytes_per_token)),
+        Check("splits", E.ExpectColumnValuesToBeBetween(column="largest_doc_scored_share",
+                                                        max_value=p.max_val_doc_share),
+              explain_val_doc_share(p.max_val_doc_share, max_tokens_per_doc)),
         Check("docs", E.ExpectColumnValuesToBeBetween(column="n_bytes", min_value=p.min_doc_bytes,
                                                       max_value=p.max_doc_bytes, row_condition=kept),
               explain_doc_bytes(p.min_doc_bytes, p.max_doc_bytes)),
@@ -268,7 +284,7 @@ def observed(result: dict) -> Any:
     return jsonable({k: result[k] for k in keys if k in result})
 
 
-def run_suite(tables: dict[str, pd.DataFrame], params: Any, docs_dir: Path) -> list[dict]:
+def run_suite(tables: dict[str, pd.DataFrame], params: Any, docs_dir: Path, max_tokens_per_doc: int) -> list[dict]:
     """Validate every table, build the Data Docs under `docs_dir`, and return one summary record per
     expectation: name, table, column, success, observed, and (when failed) the explanation."""
     with warnings.catch_warnings():
@@ -283,7 +299,7 @@ def run_suite(tables: dict[str, pd.DataFrame], params: Any, docs_dir: Path) -> l
         # Replace the ephemeral context's default site (a fresh /tmp dir) rather than add a second one.
         ctx.update_data_docs_site("local_site", data_docs_site(docs_dir))
         source = ctx.data_sources.add_pandas("prepare")
-        checks = build_checks(gx, params)
+        checks = build_checks(gx, params, max_tokens_per_doc)
         records = []
         for table, df in tables.items():
             mine = [c for c in checks if c.table == table]
