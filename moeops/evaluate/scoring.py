@@ -45,7 +45,7 @@ PPMD_MEM = 256 << 20  # model memory; far above what these texts fill, so the mo
 
 @dataclass(frozen=True)
 class Document:
-    name: str  # the source's relative path ("path#k" for the k-th chunk of a split document, k >= 1)
+    name: str  # docs.parquet's path: the source's relative path (with "#k" for a chunk of a split document)
     text: str  # the scored text: the document, cut at the cap
     complete: bool  # False when the cap cut it (its closing EOS is not scored)
 
@@ -62,23 +62,21 @@ def val_documents(prepared_dir: Path, max_tokens_per_doc: int) -> list[Document]
     if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or (len(offsets) and offsets[-1] > len(flat)):
         raise UserError(f"{idx}: not the document offsets of val.bin; re-run prepare")
     try:
-        docs = pd.read_parquet(table, columns=["path", "split", "status"])
+        docs = pd.read_parquet(table)
     except Exception as e:  # noqa: BLE001 (pyarrow raises many kinds)
         raise UserError(f"{table}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    paths = docs.path[(docs.split == "val") & (docs.status == "kept")].tolist()
-    if len(paths) != len(offsets) - 1:
-        raise UserError(f"{table}: {len(paths)} kept val documents, but {idx} has {len(offsets) - 1}; re-run prepare")
+    val = docs[(docs.split == "val") & (docs.status == "kept")]
+    if len(val) != len(offsets) - 1:
+        raise UserError(f"{table}: {len(val)} kept val documents, but {idx} has {len(offsets) - 1}; re-run prepare")
+    sources = val["document"] if "document" in val else val.path  # chunks of a split document share `document`
     left: dict[str, int] = {}  # tokens each source document may still contribute
-    seen: dict[str, int] = {}
     out = []
-    for path, start, end in zip(paths, offsets[:-1], offsets[1:]):
+    for path, source, start, end in zip(val.path, sources, offsets[:-1], offsets[1:]):
         n = int(end - start) - 1  # the document's tokens, its EOS aside
-        take = min(n, left.setdefault(path, max_tokens_per_doc))
-        left[path] -= take
-        k = seen[path] = seen.get(path, -1) + 1
+        take = min(n, left.setdefault(source, max_tokens_per_doc))
+        left[source] -= take
         if take > 0:
-            out.append(Document(path if k == 0 else f"{path}#{k}", decode_document(tok, flat[start:start + take]),
-                                take == n))
+            out.append(Document(path, decode_document(tok, flat[start:start + take]), take == n))
     if not out:
         raise UserError(f"{prepared_dir / 'val.bin'}: no val documents to score")
     return out
