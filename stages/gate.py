@@ -4,7 +4,9 @@ Rules (params `gate`): the candidate's val bits-per-byte, p95 decode-step latenc
 model file size and its own export parity (metrics/export.json parity.<candidate>, a budget per
 variant) against absolute budgets; and, when the
 registry (params `registry`) has a champion, a paired bootstrap on per-document bits-per-byte
-against the champion scored on the same val documents. A reject is a result, not a failure: the
+against the champion scored on the same val documents. Both are scored with the evaluation evaluate
+runs (moeops/evaluate/scoring.py, params `evaluate.max_tokens_per_doc` and `evaluate.stride`), so the
+candidate's bits-per-byte is eval.json's figure for it. A reject is a result, not a failure: the
 stage exits 0 and the flow / CI act on `decision`. The registry is state outside DVC, so the stage
 always runs (dvc.yaml: always_changed).
 
@@ -24,14 +26,8 @@ import torch
 
 from moeops.cli import UserError, run_main
 from moeops.config import load_model_args, load_section
-from moeops.evaluate.gate import (
-    decide,
-    document_bits,
-    markdown_report,
-    paired_bootstrap,
-    rule,
-    val_documents,
-)
+from moeops.evaluate.gate import decide, markdown_report, paired_bootstrap, rule
+from moeops.evaluate.scoring import Document, document_bytes, score_documents, summarize, val_documents
 from moeops.export.triton import read_io
 from moeops.io import atomic_write_json, atomic_write_text, read_json_object
 from moeops.lineage import lineage, recorded_checksums, verify_checksums
@@ -89,7 +85,8 @@ def check_timed(ev: dict[str, Any], candidate: str, onnx_path: Path, sha256: str
                         f"{onnx_path} has sha256 {sha256}: a stale figure, re-run evaluate")
 
 
-def score(model_dir: Path, texts: list[str], batch_size: int, threads: int) -> np.ndarray:
+def score(model_dir: Path, docs: list[Document], stride: int, batch_size: int, threads: int) -> dict[str, np.ndarray]:
+    """score_documents of an ONNX model directory (the evaluation evaluate runs)."""
     from moeops.export.onnx import OnnxLM
 
     for name in ("model.onnx", "tokenizer.json", "config.json"):
@@ -97,8 +94,8 @@ def score(model_dir: Path, texts: list[str], batch_size: int, threads: int) -> n
             raise UserError(f"{model_dir / name}: missing")
     lm = OnnxLM(model_dir / "model.onnx", threads=threads)
     seq_len = load_model_args(model_dir / "config.json").max_seq_len
-    return document_bits(lambda x_BS: lm.step(x_BS, np.ones_like(x_BS), None)[0], model_dir / "tokenizer.json",
-                         texts, seq_len, batch_size)
+    return score_documents(lambda x_BS: lm.step(x_BS, np.ones_like(x_BS), None)[0], model_dir / "tokenizer.json",
+                           docs, seq_len, stride, batch_size)
 
 
 def champion_model(root: Path, name: str) -> tuple[str | None, str | None, Path | None]:
@@ -116,7 +113,8 @@ def champion_model(root: Path, name: str) -> tuple[str | None, str | None, Path 
     return version, variant, variant_dir(Path(manifest["path"]), variant)
 
 
-def gate(p: Any, root: Path, name: str) -> dict[str, Any]:
+def gate(p: Any, ev_p: Any, root: Path, name: str) -> dict[str, Any]:
+    """The decision; `ev_p` is params `evaluate` (the cap and stride of the shared evaluation)."""
     candidate = variant_dir(Path("exports"), p.candidate)
     if not (candidate / "model.onnx").is_file():
         raise UserError(f"{candidate / 'model.onnx'}: missing candidate (gate.candidate: {p.candidate}); "
@@ -129,10 +127,11 @@ def gate(p: Any, root: Path, name: str) -> dict[str, Any]:
     parity_budget = getattr(p.max_parity_error, p.candidate)
     size_mb = sum(f.stat().st_size for f in candidate.glob("model.onnx*")) / 1e6
     threads = p.threads or torch.get_num_threads()
-    texts = val_documents(PREPARED, p.max_tokens)
-    n_bytes = sum(len(t.encode()) for t in texts)
-    cand_bits_D = score(candidate, texts, p.batch_size, threads)
-    cand_bpb = float(cand_bits_D.sum() / n_bytes)
+    docs = val_documents(PREPARED, ev_p.max_tokens_per_doc)
+    bytes_D = document_bytes(docs)
+    cand = score(candidate, docs, ev_p.stride, p.batch_size, threads)
+    cand_bits_D, cand_s = cand["bits"], summarize(cand, bytes_D)
+    cand_bpb = cand_s["bits_per_byte"]
     rules = [
         rule("max_bits_per_byte", cand_bpb, p.max_bits_per_byte, f"val bits/byte {cand_bpb:.4f}"),
         rule("max_p95_latency_ms", p95, p.max_p95_latency_ms, f"one cached decode step at batch 1, p95 {p95:.3f} ms"),
@@ -145,34 +144,37 @@ def gate(p: Any, root: Path, name: str) -> dict[str, Any]:
     if champ is None:
         rules.append(rule("max_regression", None, p.max_regression, f"no champion in {root} yet: budgets only"))
     else:
-        champ_bits_D = score(champ, texts, p.batch_size, threads)
+        champ_scores = score(champ, docs, ev_p.stride, p.batch_size, threads)
+        champ_bits_D, champ_s = champ_scores["bits"], summarize(champ_scores, bytes_D)
         boot = paired_bootstrap(cand_bits_D, champ_bits_D, p.confidence, p.bootstrap_samples, p.seed)
-        champ_bpb = float(champ_bits_D.sum() / n_bytes)
+        champ_bpb = champ_s["bits_per_byte"]
         champion = {"name": name, "version": version, "variant": champ_variant, "bits_per_byte": champ_bpb,
-                    "bootstrap": boot}
+                    "bits_per_byte_macro": champ_s["bits_per_byte_macro"], "bootstrap": boot}
         rules.append(rule("max_regression", boot["upper_bound"], p.max_regression,
                           f"bits/byte {cand_bpb:.4f} vs champion {version} ({champ_variant}) {champ_bpb:.4f}: "
                           f"{boot['relative_change']:+.2%}, {p.confidence:.0%} upper bound {boot['upper_bound']:+.2%} "
-                          f"({p.bootstrap_samples} paired resamples of {len(texts)} documents, {boot['method']})"))
+                          f"({p.bootstrap_samples} paired resamples of {len(docs)} documents, {boot['method']})"))
     decision, reasons = decide(rules)
     inputs = [*(candidate / n for n in sorted(checksums)), EVAL, EXPORT,
-              PREPARED / "val.bin", PREPARED / "tokenizer.json"]
+              PREPARED / "val.bin", PREPARED / "val.idx.npy", PREPARED / "docs.parquet", PREPARED / "tokenizer.json"]
     return {
         "decision": decision,
         "reasons": reasons,
         "candidate": {"variant": p.candidate, "path": str(candidate), "bits_per_byte": cand_bpb,
-                      "documents": len(texts), "bytes": n_bytes,
+                      "bits_per_byte_macro": cand_s["bits_per_byte_macro"], "documents": len(docs),
+                      "bytes": int(bytes_D.sum()),
                       "checksums": checksums},  # as recorded by quantize (export's lineage.json), checked
         "champion": champion,
         "rules": rules,
-        "lineage": lineage(inputs, {"gate": p.model_dump()}, "gate")
+        "lineage": lineage(inputs, {"gate": p.model_dump(), "evaluate": ev_p.model_dump(
+            include={"max_tokens_per_doc", "stride"})}, "gate")
         | {"champion": version, "registry": {"root": str(root), "name": name}},
     }
 
 
 def main() -> None:
     root, name, _ = registry_location(Path("."))
-    result = gate(load_section("gate"), root, name)
+    result = gate(load_section("gate"), load_section("evaluate"), root, name)
     atomic_write_text(REPORT, markdown_report(result))
     atomic_write_json(GATE, result)
     print(f"gate: {result['decision'].upper()}" + "".join(f"\n  {r}" for r in result["reasons"]))

@@ -1,58 +1,14 @@
-"""The gate's pieces: per-document scoring, the paired bootstrap, rules; the stage's bad input.
-The whole stage over real exported models runs in test_e2e."""
+"""The gate's pieces: the paired bootstrap, rules; the stage's bad input. Per-document scoring (shared
+with evaluate): test_scoring; the whole stage over real exported models: test_gate_champion, test_e2e."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 import yaml
 from conftest import run_stage
 
-from moeops.config import make_model_args
-from moeops.data.prepare import EOS, train_tokenizer
-from moeops.evaluate.gate import decide, document_bits, markdown_report, paired_bootstrap, rule
-from moeops.model.transformer import Transformer, init_weights
-
-TEXTS = ["def alpha(x):\n    return x + 1\n", "import os\n", "class Beta:\n    value = 3\n" * 4, ""]
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_tokenizer(TEXTS * 4, 280).save(str(path))
-    model = Transformer(make_model_args("debug", {"vocab_size": 280, "max_seq_len": 64})).eval()
-    init_weights(model, seed=0)
-
-    @torch.no_grad()
-    def logits(x_BS):
-        return model(torch.from_numpy(x_BS))
-
-    return path, logits
-
-
-def test_document_bits_is_the_cross_entropy_of_each_document_in_windows(lm):
-    path, logits = lm
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    eos = tok.token_to_id(EOS)
-    seq_len = 8  # shorter than most documents: they are cut into windows
-    expected = []
-    for text in TEXTS:
-        seq = [eos, *tok.encode(text, add_special_tokens=False).ids, eos]
-        nats = 0.0
-        for k in range(0, len(seq) - 1, seq_len):  # one window at a time, no padding
-            x, y = seq[k:k + seq_len][:len(seq) - 1 - k], seq[k + 1:k + seq_len + 1]
-            nats += float(F.cross_entropy(logits(np.array([x]))[0], torch.tensor(y), reduction="sum"))
-        expected.append(nats / math.log(2))
-    for batch_size in (1, 3, 16):  # batching and right padding change nothing
-        got = document_bits(logits, path, TEXTS, seq_len, batch_size)
-        np.testing.assert_allclose(got, expected, rtol=1e-5)
-    assert got[3] > 0  # an empty document still pays for its EOS
+from moeops.evaluate.gate import decide, markdown_report, paired_bootstrap, rule
 
 
 def test_paired_bootstrap_decides_by_the_upper_bound():

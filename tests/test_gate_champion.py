@@ -18,15 +18,16 @@ import scipy.stats
 import yaml
 from conftest import run_stage
 
-from moeops.config import load_model_args
-from moeops.evaluate.gate import document_bits, paired_bootstrap, val_documents
+from moeops.config import load_model_args, load_section
+from moeops.evaluate.gate import paired_bootstrap
+from moeops.evaluate.scoring import Document, document_bytes, score_documents, val_documents
 from moeops.registry import champion, resolve
 from moeops.registry.promotion import promote_from_gate
 
 # Budgets a random debug model meets with room to spare: only max_regression decides below.
 LOOSE = {"max_bits_per_byte": 50.0, "max_p95_latency_ms": 1e5, "max_file_mb": 1e3,
          "max_parity_error": {v: 1e3 for v in ("onnx_fp32", "onnx_int8", "onnx_int4")},
-         "bootstrap_samples": 500, "max_tokens": 4096, "threads": 1}
+         "bootstrap_samples": 500, "threads": 1}
 
 
 def set_params(project: Path, **sections) -> None:
@@ -54,19 +55,24 @@ def judged(exported_project, tmp_path_factory):
     assert first["decision"] == "promote" and first["champion"] is None
     promoted = promote_from_gate(Path("metrics/gate.json"), project)
     assert promoted["registered"] and champion(project / "reg", "lm") == "v1"
+    # evaluate and gate agree on the same model: one evaluation, the same figure to the last digit
+    evaluated = json.loads((project / "metrics/eval.json").read_text())["variants"]
+    assert first["candidate"]["bits_per_byte"] == pytest.approx(evaluated["onnx_int8"]["bits_per_byte"], rel=1e-9)
+    assert first["candidate"]["bits_per_byte_macro"] == pytest.approx(
+        evaluated["onnx_int8"]["bits_per_byte_macro"], rel=1e-9)
 
     set_params(project, gate={"candidate": "onnx_int4"})
     run_stage("gate", project)
     return project, gate_json(project)
 
 
-def per_document_bits(model_dir: Path, texts: list[str]) -> np.ndarray:
+def per_document_bits(model_dir: Path, docs: list[Document], stride: int) -> np.ndarray:
     from moeops.export.onnx import OnnxLM
 
     lm = OnnxLM(model_dir / "model.onnx", threads=1)
     seq_len = load_model_args(model_dir / "config.json").max_seq_len
-    return document_bits(lambda x_BS: lm.step(x_BS, np.ones_like(x_BS), None)[0], model_dir / "tokenizer.json",
-                         texts, seq_len, 8)
+    return score_documents(lambda x_BS: lm.step(x_BS, np.ones_like(x_BS), None)[0], model_dir / "tokenizer.json",
+                           docs, seq_len, stride, 8)["bits"]
 
 
 def test_int4_candidate_against_the_int8_champion(judged):
@@ -76,16 +82,25 @@ def test_int4_candidate_against_the_int8_champion(judged):
     assert champ["version"] == "v1" and champ["variant"] == "onnx_int8"
     # The figures again, independently: the same val documents through each model's own files
     # (the champion's from the registry, not from exports/).
-    texts = val_documents(project / "data/prepared", LOOSE["max_tokens"])
-    n_bytes = sum(len(t.encode()) for t in texts)
-    assert gate["candidate"]["documents"] == len(texts) and gate["candidate"]["bytes"] == n_bytes
-    cand_D = per_document_bits(project / "exports/onnx/int4", texts)
-    champ_D = per_document_bits(resolve(project / "reg", "lm", "v1") / "onnx/int8", texts)
+    ev = load_section("evaluate", project / "params.yaml")  # the gate scores the evaluation evaluate scores
+    docs = val_documents(project / "data/prepared", ev.max_tokens_per_doc)
+    bytes_D = document_bytes(docs)
+    n_bytes = int(bytes_D.sum())
+    assert gate["candidate"]["documents"] == len(docs) and gate["candidate"]["bytes"] == n_bytes
+    assert not all(doc.complete for doc in docs)  # the cap (256 tokens) cuts some documents
+    cand_D = per_document_bits(project / "exports/onnx/int4", docs, ev.stride)
+    champ_D = per_document_bits(resolve(project / "reg", "lm", "v1") / "onnx/int8", docs, ev.stride)
     assert not np.array_equal(cand_D, champ_D)  # two different models: a real bootstrap, not "identical"
     assert gate["candidate"]["bits_per_byte"] == pytest.approx(cand_D.sum() / n_bytes, rel=1e-6)
     assert champ["bits_per_byte"] == pytest.approx(champ_D.sum() / n_bytes, rel=1e-6)
+    assert gate["candidate"]["bits_per_byte_macro"] == pytest.approx(np.mean(cand_D / bytes_D), rel=1e-6)
+    assert champ["bits_per_byte_macro"] == pytest.approx(np.mean(champ_D / bytes_D), rel=1e-6)
+    # the same figures evaluate recorded for these two models (the champion's files are the int8 export's)
+    evaluated = json.loads((project / "metrics/eval.json").read_text())["variants"]
+    assert gate["candidate"]["bits_per_byte"] == pytest.approx(evaluated["onnx_int4"]["bits_per_byte"], rel=1e-9)
+    assert champ["bits_per_byte"] == pytest.approx(evaluated["onnx_int8"]["bits_per_byte"], rel=1e-9)
     boot = champ["bootstrap"]
-    assert boot["documents"] == len(texts) and boot["method"] in ("BCa", "percentile")
+    assert boot["documents"] == len(docs) and boot["method"] in ("BCa", "percentile")
     expected = (cand_D.sum() - champ_D.sum()) / champ_D.sum()
     assert boot["relative_change"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
     assert boot["relative_change"] == pytest.approx(

@@ -1,129 +1,57 @@
-"""Evaluation of a model directory on the val split: loss, perplexity, bits-per-byte, top-1
-accuracy, expert load, dropped tokens, inference speed, memory; plus gzip -9 and xz -9e on
-exactly the bytes the model was scored on, as reference points."""
+"""What the evaluate stage reports beside the shared scoring (moeops/evaluate/scoring.py): a PyTorch
+model's expert load on the val documents, its prefill speed, peak memory, the per-document table
+(every variant and compressor in bits per byte, document by document), the issue's targets, and the
+expert-load heat map."""
 
 from __future__ import annotations
 
-import gzip
-import json
-import lzma
-import math
 import resource
-import shutil
-import subprocess
 import time
-from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from moeops.cli import UserError
-from moeops.model.transformer import (
-    Transformer,
-    expert_loads,
-    max_violation,
-    param_counts,
-    reset_expert_stats,
-)
+from moeops.data.prepare import EOS_ID
+from moeops.evaluate.scoring import Document, LogitsFn, document_bytes
+from moeops.model.transformer import Transformer, expert_loads, max_violation
+
+# (name, numerator, denominator, target): value = numerator's / denominator's micro bits-per-byte,
+# met when value <= target. "ppmd_o16" is the compressor on the concatenated scored bytes.
+TARGETS = [("teacher_vs_ppmd", "teacher", "ppmd_o16", 0.85), ("student_vs_teacher", "student", "teacher", 1.10),
+           ("int8_vs_fp32", "onnx_int8", "onnx_fp32", 1.01)]
 
 
-@lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
-    """Inverse of the GPT-2 byte-level alphabet used by tokenizers' ByteLevel pre-tokenizer."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs, n = list(bs), 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+def unpadded_logits(model: Transformer) -> LogitsFn:
+    """score_documents' logits function for a PyTorch model that runs each group of equally long rows
+    without its right padding: the same logits at every real position (causal attention), and the
+    MoE layers' load counters see only real tokens. The padding is 0 = EOS (prepare's tokenizer),
+    which an input row holds only at a document's start, so a row ends at its last nonzero token."""
+
+    @torch.inference_mode()
+    def logits(x_BS: np.ndarray) -> torch.Tensor:
+        nonzero_BS = x_BS != EOS_ID
+        n_B = np.where(nonzero_BS.any(1), x_BS.shape[1] - np.argmax(nonzero_BS[:, ::-1], axis=1), 1)
+        out_BSV = torch.zeros(*x_BS.shape, model.args.vocab_size)
+        for n in np.unique(n_B):
+            rows = torch.from_numpy(np.flatnonzero(n_B == n))
+            out_BSV[rows, :n] = model(torch.from_numpy(x_BS[rows.numpy(), :n]))
+        return out_BSV
+
+    return logits
 
 
-def token_bytes(tokenizer_path: str | Path) -> list[bytes]:
-    """The raw bytes of every token id (special tokens: b"")."""
-    try:
-        spec = json.loads(Path(tokenizer_path).read_text())
-        specials = {t["id"] for t in spec.get("added_tokens", [])}
-        vocab = spec["model"]["vocab"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{tokenizer_path}: not a byte-level BPE tokenizer.json ({e})") from None
-    table = [b""] * (max(vocab.values()) + 1)
-    u2b = _unicode_to_byte()
-    for tok, i in vocab.items():
-        if i not in specials:
-            table[i] = bytes(u2b[c] for c in tok)
-    return table
-
-
-def compressed_bits_per_byte(data: bytes) -> dict[str, float]:
-    """gzip -9 and xz -9e (the command-line tools when present, else the same presets in Python)."""
-    out = {}
-    for name, argv, fallback in (
-        ("gzip_9", ["gzip", "-9", "-c", "-n"], lambda d: gzip.compress(d, 9, mtime=0)),
-        ("xz_9e", ["xz", "-9e", "-c"], lambda d: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME)),
-    ):
-        if shutil.which(argv[0]):
-            size = len(subprocess.run(argv, input=data, capture_output=True, check=True).stdout)
-        else:
-            size = len(fallback(data))
-        out[name] = 8 * size / max(1, len(data))
-    return out
-
-
-def byte_lengths(table: list[bytes], vocab_size: int) -> np.ndarray:
-    return np.array([len(b) for b in table] + [0] * max(0, vocab_size - len(table)), dtype=np.int64)
-
-
-def score_windows(logits_fn, tokens: np.ndarray, byte_len: np.ndarray, seq_len: int, batch_size: int,
-                  max_tokens: int) -> dict:
-    """Non-overlapping windows of seq_len+1 tokens; every target token is scored once.
-    `logits_fn(x_BS int64 array) -> logits_BSV` is any model: PyTorch or ONNX Runtime."""
-    if len(tokens) < 2:
-        raise UserError(f"val split has {len(tokens)} tokens; at least 2 are needed to score")
-    seq_len = min(seq_len, len(tokens) - 1)
-    n_windows = max(1, min((len(tokens) - 1) // seq_len, math.ceil(max_tokens / seq_len)))
-    starts = np.arange(n_windows) * seq_len
-    nats, correct, count, n_bytes = 0.0, 0, 0, 0
-    targets_seen = []
-    for i in tqdm(range(0, n_windows, batch_size), desc="eval", unit="batch", mininterval=1.0):
-        w = np.stack([tokens[s:s + seq_len + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
-        x_BS, y_BS = w[:, :-1], torch.from_numpy(w[:, 1:])
-        logits_BSV = torch.as_tensor(logits_fn(x_BS)).float()
-        nats += float(F.cross_entropy(logits_BSV.flatten(0, 1), y_BS.flatten(), reduction="sum"))
-        correct += int((logits_BSV.argmax(-1) == y_BS).sum())
-        count += y_BS.numel()
-        n_bytes += int(byte_len[w[:, 1:]].sum())
-        targets_seen.append(w[:, 1:].reshape(-1))
-    loss = nats / count
-    return {
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "bits_per_byte": nats / math.log(2) / max(1, n_bytes),
-        "top1_accuracy": correct / count,
-        "tokens": count,
-        "bytes": n_bytes,
-        "targets": np.concatenate(targets_seen),
-    }
-
-
-@torch.no_grad()
-def score(model: Transformer, tokens: np.ndarray, byte_len: np.ndarray, seq_len: int, batch_size: int,
-          max_tokens: int) -> dict:
-    """score_windows of a PyTorch model, plus its expert load on the val split."""
-    reset_expert_stats(model)
-    out = score_windows(lambda x_BS: model(torch.from_numpy(x_BS)), tokens, byte_len, seq_len, batch_size, max_tokens)
+def expert_stats(model: Transformer) -> dict[str, Any]:
+    """Routed-token share per expert, MaxVio per MoE layer and the dropped fraction since the last
+    reset_expert_stats."""
     loads = expert_loads(model)
     routed = sum(float(load.sum()) for load in loads)
     dropped = sum(m.dropped_tokens for m in model.moe_layers())
-    return out | {
-        "expert_share": [(load / load.sum()).tolist() if load.sum() > 0 else [] for load in loads],
-        "maxvio": [max_violation(load) for load in loads],
-        "dropped_fraction": dropped / routed if routed else 0.0,
-    }
+    return {"expert_share": [(load / load.sum()).tolist() if load.sum() > 0 else [] for load in loads],
+            "maxvio_per_layer": [round(max_violation(load), 4) for load in loads],
+            "dropped_fraction": round(dropped / routed, 6) if routed else 0.0}
 
 
 @torch.no_grad()
@@ -154,28 +82,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def evaluate_model(model: Transformer, val_tokens: np.ndarray, tokenizer_path: Path, batch_size: int,
-                   max_tokens: int, speed_tokens: int) -> dict:
-    table = token_bytes(tokenizer_path)
-    byte_len = byte_lengths(table, model.args.vocab_size)
-    seq_len = model.args.max_seq_len
-    s = score(model, val_tokens, byte_len, seq_len, batch_size, max_tokens)
-    val_bytes = b"".join(table[t] for t in s.pop("targets").tolist())
-    ref = compressed_bits_per_byte(val_bytes)
-    counts = param_counts(model.args)
-    return {
-        "val": {k: round(s[k], 6) for k in ("loss", "perplexity", "bits_per_byte", "top1_accuracy")}
-        | {"tokens": s["tokens"], "bytes": s["bytes"]},
-        "reference_bits_per_byte": {k: round(v, 6) for k, v in ref.items()},
-        "experts": {"maxvio_per_layer": [round(v, 4) for v in s["maxvio"]],
-                    "dropped_fraction": round(s["dropped_fraction"], 6)},
-        "speed": {"inference_tokens_per_s": round(inference_speed(model, model.args.vocab_size, seq_len,
-                                                                  batch_size, speed_tokens), 1),
-                  "threads": torch.get_num_threads()},
-        "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
-        "params": counts,
-        "expert_share": s["expert_share"],
-    }
+def documents_table(docs: list[Document], teacher_tokens_D: np.ndarray, variant_bits: dict[str, np.ndarray],
+                    compressor_bits_D: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per scored document: its bytes, the teacher's scored tokens, whether it is complete,
+    then each variant's and each compressor's (the document compressed alone) bits per byte."""
+    bytes_D = document_bytes(docs)
+    table = pd.DataFrame({"document": [d.name for d in docs], "bytes": bytes_D, "tokens": teacher_tokens_D,
+                          "complete": [d.complete for d in docs]})
+    for name, bits_D in (variant_bits | compressor_bits_D).items():
+        table[name] = np.round(np.asarray(bits_D) / np.maximum(bytes_D, 1), 6)
+    return table
+
+
+def targets(micro: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """The issue's quality targets over {variant or compressor: micro bits-per-byte}; a target whose
+    variants are absent is left out."""
+    return {name: {"value": round(micro[a] / micro[b], 6), "target": target, "met": micro[a] / micro[b] <= target}
+            for name, a, b, target in TARGETS if a in micro and b in micro}
 
 
 def plot_expert_load(expert_share: list[list[float]], first_moe_layer: int, path: Path) -> None:

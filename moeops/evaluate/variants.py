@@ -1,7 +1,9 @@
-"""Every variant of the model on the same val windows and the same timing protocol: PyTorch model
-directories (teacher, student, baseline) and ONNX Runtime models (fp32, int8, int4).
+"""Every variant of the model on the same val documents (moeops/evaluate/scoring.py: each capped, in
+strided windows of the variant's own context) and the same timing protocol: PyTorch model directories
+(teacher, student, baseline) and ONNX Runtime models (fp32, int8, int4).
 
-Each variant is measured in a fresh process so that its peak RSS is its own.
+Each variant is measured in a fresh process so that its peak RSS is its own; the teacher is scored once,
+in its process, which also reports its expert load and prefill speed.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import numpy as np
 import torch
 
 from moeops.config import load_model_args
-from moeops.evaluate.metrics import byte_lengths, peak_rss_mb, score_windows, token_bytes
+from moeops.evaluate.metrics import expert_stats, inference_speed, peak_rss_mb, unpadded_logits
+from moeops.evaluate.scoring import Document, LogitsFn, document_bytes, score_documents, summarize
 from moeops.io import sha256_file
 from moeops.model.generate import Step, torch_step
-from moeops.model.transformer import param_counts
-from moeops.train.data import load_tokens
+from moeops.model.transformer import Transformer, param_counts, reset_expert_stats
 
 
 def decode_speed(step: Step, vocab_size: int, batch: int, prompt_len: int, new_tokens: int,
@@ -53,9 +55,9 @@ def decode_speed(step: Step, vocab_size: int, batch: int, prompt_len: int, new_t
             "decode_step_p95_ms": round(1000 * float(np.percentile(steps, 95)), 3)}
 
 
-def _load(kind: str, path: Path) -> tuple[Step, object, Path]:
-    """(step, full-sequence logits function, weights file) of one variant, its files checked against
-    the sha256 its lineage.json recorded."""
+def _load(kind: str, path: Path) -> tuple[Step, LogitsFn, Transformer | None]:
+    """(step, full-sequence logits function, the PyTorch model or None) of one variant, its files checked
+    against the sha256 its lineage.json recorded."""
     from moeops.model.io import load_model_dir, verify_checksums
 
     if kind == "onnx":
@@ -63,15 +65,9 @@ def _load(kind: str, path: Path) -> tuple[Step, object, Path]:
 
         verify_checksums(path)
         lm = OnnxLM(path / "model.onnx", threads=torch.get_num_threads())
-        full = lambda x_BS: lm.step(x_BS, np.ones_like(x_BS), None)[0]  # noqa: E731
-        return lm.step, full, path / "model.onnx"
+        return lm.step, lambda x_BS: lm.step(x_BS, np.ones_like(x_BS), None)[0], None
     model = load_model_dir(path)
-
-    @torch.inference_mode()
-    def full(x_BS):
-        return model(torch.from_numpy(x_BS))
-
-    return torch_step(model), full, path / "model.safetensors"
+    return torch_step(model), unpadded_logits(model), model
 
 
 def decode_lengths(max_seq_len: int, prompt_len: int, new_tokens: int) -> tuple[int, int]:
@@ -81,42 +77,60 @@ def decode_lengths(max_seq_len: int, prompt_len: int, new_tokens: int) -> tuple[
     return max(1, min(prompt_len, max_seq_len - new_tokens)), new_tokens
 
 
-def evaluate_variant(kind: str, path: Path, prepared_dir: Path, batch_size: int, max_tokens: int, prompt_len: int,
-                     new_tokens: int, threads: int) -> dict:
+def evaluate_variant(kind: str, path: Path, docs: list[Document], batch_size: int, stride: int, prompt_len: int,
+                     new_tokens: int, threads: int, speed_tokens: int = 0) -> dict:
+    """One variant's figures and its raw per-document `scores` (score_documents). speed_tokens > 0 (the
+    teacher): also the PyTorch model's expert load on these documents and its prefill tokens/s."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     args = load_model_args(path / "config.json")
     weights = path / ("model.onnx" if kind == "onnx" else "model.safetensors")
     sha256 = sha256_file(weights) if weights.is_file() else None  # before loading: the bytes then timed
-    step, full, weights = _load(kind, path)
-    val = load_tokens(prepared_dir, "val")
-    s = score_windows(full, val, byte_lengths(token_bytes(path / "tokenizer.json"), args.vocab_size),
-                      args.max_seq_len, batch_size, max_tokens)
+    step, logits, model = _load(kind, path)
+    if model is not None:
+        reset_expert_stats(model)
+    scores = score_documents(logits, path / "tokenizer.json", docs, args.max_seq_len, stride, batch_size)
+    extra = {}
+    if speed_tokens and model is not None:
+        extra = {"experts": expert_stats(model),
+                 "inference_tokens_per_s": inference_speed(model, args.vocab_size, args.max_seq_len, batch_size,
+                                                           speed_tokens)}
     prompt_len, new_tokens = decode_lengths(args.max_seq_len, prompt_len, new_tokens)
     speed = {f"batch{b}": decode_speed(step, args.vocab_size, b, prompt_len, new_tokens) for b in (1, 8)}
     return {
         "runtime": "onnxruntime" if kind == "onnx" else "pytorch",
-        "bits_per_byte": round(s["bits_per_byte"], 6),
-        "loss": round(s["loss"], 6),
-        "top1_accuracy": round(s["top1_accuracy"], 6),
-        "tokens": s["tokens"],
+        "stride": min(stride, args.max_seq_len),  # the stride this model's context allows
         "speed": speed | {"prompt_len": prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads()},
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "file_bytes": weights.stat().st_size,
         "model_sha256": sha256,  # the very file timed: the gate refuses a stale figure
         "params_total": param_counts(args)["total"],
-    }
+        "scores": scores,
+    } | extra
 
 
-def evaluate_variants(variants: dict[str, tuple[str, Path]], prepared_dir: Path, batch_size: int, max_tokens: int,
-                      prompt_len: int, new_tokens: int, threads: int) -> dict[str, dict]:
-    """{name: (kind "torch"|"onnx", directory)} → {name: metrics}, one fresh process per variant."""
+def quality(scores: dict[str, np.ndarray], bytes_D: np.ndarray) -> dict:
+    """A variant's figures in eval.json from its per-document scores, unrounded: the gate scores its
+    candidate the same way and must find the same bits-per-byte to the last digit."""
+    s = summarize(scores, bytes_D)
+    return {k: s[k] for k in ("bits_per_byte", "bits_per_byte_macro", "loss", "top1_accuracy", "context_mean",
+                              "tokens")}
+
+
+def evaluate_variants(variants: dict[str, tuple[str, Path]], docs: list[Document], batch_size: int, stride: int,
+                      prompt_len: int, new_tokens: int, threads: int, speed_tokens: int) -> dict[str, dict]:
+    """{name: (kind "torch"|"onnx", directory)} → {name: metrics + its raw `scores`}, one fresh process per
+    variant, every one on the same documents; the teacher's process also measures expert load and
+    prefill speed (speed_tokens)."""
     ctx = multiprocessing.get_context("spawn")
+    bytes_D = document_bytes(docs)
     out = {}
     for name, (kind, path) in variants.items():
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            out[name] = pool.submit(evaluate_variant, kind, path, prepared_dir, batch_size, max_tokens, prompt_len,
-                                    new_tokens, threads).result()
-        print(f"evaluate: {name:<10} {out[name]['bits_per_byte']:.4f} bits/byte, "
+            r = pool.submit(evaluate_variant, kind, path, docs, batch_size, stride, prompt_len, new_tokens, threads,
+                            speed_tokens if name == "teacher" else 0).result()
+        out[name] = quality(r["scores"], bytes_D) | r
+        print(f"evaluate: {name:<10} {out[name]['bits_per_byte']:.4f} bits/byte "
+              f"(macro {out[name]['bits_per_byte_macro']:.4f}), "
               f"decode {out[name]['speed']['batch1']['decode_tokens_per_s']:,.0f} tok/s (batch 1)")
     return out
