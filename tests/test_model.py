@@ -8,7 +8,14 @@ import torch
 from moeops.config import make_model_args
 from moeops.model.attention import apply_rope, rope_angles
 from moeops.model.hf import hf_model
-from moeops.model.transformer import build_model, max_violation, param_counts, update_router_bias
+from moeops.model.transformer import (
+    build_model,
+    expert_loads,
+    max_violation,
+    param_counts,
+    reset_expert_stats,
+    update_router_bias,
+)
 
 
 def hf_v3(args):
@@ -147,3 +154,20 @@ def test_param_counts():
     inactive = sum(n * (args.n_routed_experts - args.top_k) for n in per_expert)
     assert len(per_expert) == args.n_layers - args.first_k_dense_replace
     assert counts["active"] == counts["total"] - inactive
+
+
+def test_dense_model_has_no_experts_and_all_params_active():
+    args = make_model_args("debug", {"first_k_dense_replace": 2})  # every layer a dense SwiGLU
+    model = build_model(args).train()
+    assert model.moe_layers() == [] and expert_loads(model) == []
+    tokens = torch.randint(0, args.vocab_size, (2, 16))
+    loss = model(tokens, tokens)
+    loss.backward()
+    assert math.isfinite(loss.item()) and float(model.aux_loss()) == 0.0
+    update_router_bias(model, speed=0.01)  # nothing to balance: a no-op, not an error
+    reset_expert_stats(model)
+    counts = param_counts(args)
+    assert counts["total"] == counts["active"] == sum(p.numel() for p in model.parameters())
+    # The `dense` flavor is `small` without experts at the same active parameters per token (within 1%).
+    dense, small = param_counts(make_model_args("dense")), param_counts(make_model_args("small"))
+    assert dense["total"] == dense["active"] and abs(dense["active"] / small["active"] - 1) < 0.01

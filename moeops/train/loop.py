@@ -2,6 +2,13 @@
 cosine, clipping, optional bf16 autocast, aux-loss-free bias updates from the global expert
 loads, compressed gradients, dvclive logging, atomic layout-independent checkpoints and resume.
 
+Expert balance: each MoE layer's global routed-token counts (summed over the ranks, as the bias
+update sees them) are accumulated over every logging window (dvclive
+`expert_load/busiest_over_uniform_layer{i}`) and over the run's last min(BALANCE_STEPS, steps) steps
+(`TrainResult.busiest_over_uniform`). The last-steps counts are in the checkpoint, so a run resumed
+inside that window reports the same figure as an uninterrupted one; a logging window cut by a resume
+covers only its steps after the resume.
+
 The same params on the same machine give bitwise-identical weights, with or without
 interruptions: the global batch is a function of (seed, step) that each data-parallel rank
 slices, the LR a function of step, and every piece of mutable state is in the checkpoint.
@@ -61,6 +68,15 @@ from moeops.train.parallel import (
 
 class TrainingDiverged(UserError):
     exit_code = 1
+
+
+BALANCE_STEPS = 100  # the run's last steps over which the expert balance is reported (issue 14 §4)
+
+
+def busiest_over_uniform(load_E: torch.Tensor) -> float:
+    """The busiest expert's routed tokens over the mean (uniform) share: 1 = perfectly balanced."""
+    mean = load_E.double().mean()
+    return float(load_E.max() / mean) if mean > 0 else 0.0
 
 
 def lr_at(step: int, steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
@@ -183,6 +199,8 @@ class TrainResult:
     final_loss: float
     seconds: float
     maxvio: list[float] = field(default_factory=list)
+    balance_steps: int = 0  # the last min(BALANCE_STEPS, steps) steps ...
+    busiest_over_uniform: list[float] = field(default_factory=list)  # ... per MoE layer over them
     grad_bytes_per_step: int = 0  # data-parallel gradient bytes a rank sends per step (the busiest)
     all_to_all_bytes_per_step: int = 0  # expert-parallel token bytes a rank sends per step (the busiest)
     peak_rss_gb: float = 0.0  # this process (rank 0)
@@ -301,6 +319,10 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
     # Running totals live in the checkpoint so that a resumed run reports the whole run.
     seconds_before, losses = state.get("train_seconds", 0.0), state.get("recent_losses", [])
     maxvio = state.get("maxvio", [])
+    balance_from = max(0, p.steps - BALANCE_STEPS)
+    window_loads = [torch.zeros_like(load, dtype=torch.float64) for load in expert_loads(model)]
+    last_loads = [torch.tensor(c, dtype=torch.float64) for c in state.get("expert_load_last_steps", [])] \
+        or [torch.zeros_like(load) for load in window_loads]
     live = None
     if live_dir is not None and rank0:
         from dvclive import Live
@@ -333,7 +355,12 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
             if zero:  # ZeRO clips inside its step, so a NaN gradient is caught one step late
                 check_grad_norm(float(engine.get_global_grad_norm()))
             allreduce_expert_loads(model, layout)
-            maxvio = [max_violation(load) for load in expert_loads(model)]
+            loads = expert_loads(model)
+            maxvio = [max_violation(load) for load in loads]
+            for window, last, load in zip(window_loads, last_loads, loads, strict=True):
+                window += load
+                if step >= balance_from:
+                    last += load
             update_router_bias(model, p.bias_update_speed)
             losses.append(step_loss)
             steps_since_log += 1
@@ -353,8 +380,12 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
                     live.log_metric("train/balance_loss", step_aux)
                     if objective is not None:
                         live.log_metric("train/objective", step_objective)
-                    for i, v in enumerate(maxvio):
+                    for i, (v, window) in enumerate(zip(maxvio, window_loads)):
                         live.log_metric(f"expert_load/maxvio_layer{i + args.first_k_dense_replace}", v)
+                        live.log_metric(f"expert_load/busiest_over_uniform_layer{i + args.first_k_dense_replace}",
+                                        busiest_over_uniform(window))
+                for window in window_loads:
+                    window.zero_()
             if done % p.checkpoint_every == 0 or done == p.steps:
                 weights, moments = full_state(model, engine.optimizer, layout, zero, owns)
                 if rank0:
@@ -362,7 +393,8 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
                                     {"run_id": rid, "threads": threads, "world_size": layout.world_size,
                                      "tokens_seen": done * tokens_per_step,
                                      "train_seconds": seconds_before + time.perf_counter() - t_start,
-                                     "recent_losses": losses[-10:], "maxvio": maxvio},
+                                     "recent_losses": losses[-10:], "maxvio": maxvio,
+                                     "expert_load_last_steps": [last.long().tolist() for last in last_loads]},
                                     p.keep_checkpoints)
                     for run in prune_runs(ckpt_dir, p.keep_runs):  # only now that this run has one
                         print(f"{name}: deleted {run} (keep_runs={p.keep_runs})")
@@ -392,6 +424,7 @@ def pretrain(p: PretrainParams, train_tokens: np.ndarray, vocab_size: int, data_
         model=final, steps_run=p.steps - start, resumed_from=start,
         tokens_per_s=p.steps * tokens_per_step / seconds if seconds else 0.0,
         final_loss=float(np.mean(losses[-10:])), seconds=seconds, maxvio=maxvio,
+        balance_steps=p.steps - balance_from, busiest_over_uniform=[busiest_over_uniform(x) for x in last_loads],
         grad_bytes_per_step=grad_bytes, activation_checkpointing=use_ckpt, step_peak_rss_gb=peak_gb,
         all_to_all_bytes_per_step=a2a_bytes, bf16=bf16, matmul_peaks_gflops=peaks,
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
