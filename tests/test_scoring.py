@@ -169,14 +169,11 @@ def test_val_documents_are_every_val_document_capped(prepared_project):
     assert 0 < sum(not d.complete for d in capped) < len(capped)
 
 
-@pytest.mark.xfail(strict=True, reason="scoring.val_documents caps by docs.parquet `path`, but prepare names a "
-                   "split document's chunks '<identity>#<k>' and does not write the `document` column: each "
-                   "chunk gets its own cap (reported to the lead)")
 def test_the_cap_applies_to_a_source_across_its_chunks(tmp_path):
     """prepare splits every file over max_doc_bytes into chunks of whole lines; a source document's
     chunks together take at most max_tokens_per_doc tokens, in order."""
     corpus = make_corpus(tmp_path / "corpus", n_files=30, seed=3)
-    write_params(tmp_path, corpus={"source": str(corpus)}, prepare={"max_doc_bytes": 400})
+    write_params(tmp_path, corpus={"source": str(corpus)}, prepare={"max_doc_bytes": 400, "max_val_doc_share": 1.0})
     run_stage("corpus", tmp_path)
     run_stage("prepare", tmp_path)
     prepared = tmp_path / "data/prepared"
