@@ -88,6 +88,11 @@ def test_layout_trains_the_same_model_as_one_process(reference, layout_run, name
     assert metrics["world_size"] == layout["world_size"]
     assert (metrics["grad_bytes_per_step"] > 0) == (layout["world_size"] > layout["pp_size"])
     assert (metrics["all_to_all_bytes_per_step"] > 0) == (layout["ep_size"] > 1)
+    ref = json.loads((reference / "metrics/pretrain.json").read_text())
+    # the balance figure counts every rank's routed tokens; the val score is the launching process's
+    assert metrics["expert_load_last_steps"]["busiest_over_uniform"] == pytest.approx(
+        ref["expert_load_last_steps"]["busiest_over_uniform"], rel=1e-2)
+    assert metrics["val"]["bits_per_byte"] == pytest.approx(ref["val"]["bits_per_byte"], rel=1e-4)
 
 
 def test_int8_gradients_send_70_percent_fewer_bytes(layout_run, project):
