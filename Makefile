@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 # DVC stage commands call `python`: make it the venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: pipeline test lint bench flow ui serve prometheus prometheus-install clean
+.PHONY: pipeline test lint bench search flow ui serve prometheus prometheus-install clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ prometheus: $(BIN)/.installed prometheus-install
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.run
+
+# params.yaml search: one `dvc exp run --queue` per grid point in a fresh clone of HEAD (commit first), `dvc queue
+# start`, compared with `dvc exp show` / `dvc plots diff`: bench/results/arch_search.{json,png}. Prepare comes from
+# this checkout's DVC cache when it ran here.
+search: $(BIN)/.installed
+	$(BIN)/python -m bench.arch_search --cache .dvc/cache
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
