@@ -49,16 +49,6 @@ def exp_name(point: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-def unignore(project: Path) -> list[str]:
-    """Drop the .gitignore lines that hide metrics/ and dvclive/ from git: an experiment is a git commit,
-    and `dvc exp show` / `dvc plots diff` read an experiment's metrics and plots (cache: false) from it."""
-    path = project / ".gitignore"
-    lines = path.read_text().splitlines()
-    hiding = [line for line in lines if line.strip().strip("/") in ("metrics", "dvclive")]
-    path.write_text("".join(f"{line}\n" for line in lines if line not in hiding))
-    return hiding
-
-
 def exp_commands(search, pretrain: dict, steps: int, cores: int) -> list[list[str]]:
     """`dvc exp run --queue` per grid point, then `dvc queue start`."""
     from moeops.config import make_model_args
@@ -183,8 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             dvc(project, "cache", "dir", "--local", str(a.cache.resolve()))
         t0 = time.perf_counter()
         dvc(project, "repro", "prepare")  # once: every experiment then finds it up to date
-        unignored = unignore(project)
-        for cmd in (["add", ".gitignore", "params.yaml", "dvc.lock", "metrics"],
+        for cmd in (["add", "params.yaml", "dvc.lock", "metrics"],
                     ["commit", "-q", "-m", "bench.arch_search: params, prepare, metrics and plots in git"]):
             subprocess.run([*git, *cmd], check=True, capture_output=True)
         prepare_s = time.perf_counter() - t0
@@ -232,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     plot(points, out_dir() / "arch_search.png")
     result = {"commit": commit, "params_overrides": overrides, "flavor": search.flavor, "steps": steps,
               "workers": search.workers, "commands": [shlex.join(c) for c in cmds], "prepare_s": round(prepare_s, 1),
-              "queue_s": round(queue_s, 1), "gitignore_lines_dropped_in_clone": unignored, "points": points,
+              "queue_s": round(queue_s, 1), "points": points,
               "best": best,
               "plot": "bench/results/arch_search.png", "plots_html": "bench/results/arch_search/",
               "note": "one experiment per point (deterministic per params); val = metrics/pretrain.json's val block "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -560,11 +561,23 @@ def format_validation_error(section: str, err: ValidationError, path: str = "par
     return f"{path}: {loc}: {msg}"
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans (true/false only): DVC writes params.yaml as YAML 1.2
+    (`dvc exp run -S` drops the quotes around "off"), which YAML 1.1 would read back as false."""
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
 def load_section(section: str, path: str | Path = "params.yaml"):
     """Read and validate one section of params.yaml; UserError (one line) on any problem."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=Yaml12Loader) or {}  # noqa: S506 (a safe loader)
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

@@ -36,6 +36,8 @@ def repo_copy(tmp_path_factory) -> Path:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
+        if f.split("/")[0] in ("metrics", "dvclive", "plots"):  # the default run's results: this repo makes its own
+            continue
         if (REPO / f).is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, dst / f)
