@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         dvc(project, "repro", "prepare")  # once: every experiment then finds it up to date
         for cmd in (["add", "params.yaml", "dvc.lock", "metrics"],
-                    ["commit", "-q", "--allow-empty", "-m", "bench.arch_search: params, prepare, metrics and plots in git"]):
+                    ["commit", "-q", "--allow-empty", "-m", "bench.arch_search: params, prepare and metrics in git"]):
             subprocess.run([*git, *cmd], check=True, capture_output=True)
         prepare_s = time.perf_counter() - t0
         cmds = exp_commands(search, pretrain.model_dump(), steps, os.cpu_count() or 1)
